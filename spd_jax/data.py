@@ -79,7 +79,7 @@ def _patches(split: str, crops_per_photo: int, seed: int) -> np.ndarray:
         if split == "train":
             ys = rng.integers(0, cut - PATCH + 1, size=crops_per_photo)
             xs = rng.integers(0, w - PATCH + 1, size=crops_per_photo)
-            out.extend(photo[y : y + PATCH, x : x + PATCH] for y, x in zip(ys, xs))
+            out.extend(photo[y : y + PATCH, x : x + PATCH] for y, x in zip(ys, xs, strict=True))
         else:
             for y in range(cut, h - PATCH + 1, PATCH):
                 for x in range(0, w - PATCH + 1, PATCH):

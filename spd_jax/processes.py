@@ -30,12 +30,16 @@ from spd_jax.rng import per_example_normal
 _SMALL_LOG = 1e-6  # |log S| below which SPD uses its S -> 1 limit
 
 
-def _spd_abar_sigma2(xp, e, log_s):
-    """abar = expm1(e L)/expm1(L), sigma^2 = expm1(-(1-e) L)/expm1(-L), with the L -> 0 limit."""
+def _spd_abar_sigma2(xp, e, one_minus_e, log_s):
+    """abar = expm1(e L)/expm1(L), sigma^2 = expm1(-(1-e) L)/expm1(-L), with the L -> 0 limit.
+
+    ``one_minus_e`` is passed separately so that sigma^2 keeps full relative accuracy near t = 0
+    (1 - e computed in float32 from e ~ 1 would lose it, SPEC §10).
+    """
     small = xp.abs(log_s) < _SMALL_LOG
     safe = xp.where(small, 1.0, log_s)
     abar = xp.where(small, e, xp.expm1(e * safe) / xp.expm1(safe))
-    sigma2 = xp.where(small, 1.0 - e, xp.expm1(-(1.0 - e) * safe) / xp.expm1(-safe))
+    sigma2 = xp.where(small, one_minus_e, xp.expm1(-one_minus_e * safe) / xp.expm1(-safe))
     return abar, sigma2
 
 
@@ -55,7 +59,8 @@ def _schedule(kind: str, xp, t, params: dict, cfg: dict):
         a = (t + s) / (1.0 + s) * (np.pi / 2)
         a0 = s / (1.0 + s) * (np.pi / 2)
         alpha = xp.cos(a) / np.cos(a0)
-        sigma2 = xp.sin(a - a0) * xp.sin(a + a0) / np.cos(a0) ** 2
+        # 1 - cos^2(a)/cos^2(a0) = sin(a - a0) sin(a + a0)/cos^2(a0), with a - a0 formed from t
+        sigma2 = xp.sin(t / (1.0 + s) * (np.pi / 2)) * xp.sin(a + a0) / np.cos(a0) ** 2
         return xp.maximum(alpha, 0.0), xp.sqrt(xp.clip(sigma2, 0.0, 1.0))
     if kind == "blurring":
         l_min, l_max = cfg["logsnr_min"], cfg["logsnr_max"]
@@ -75,8 +80,10 @@ def _schedule(kind: str, xp, t, params: dict, cfg: dict):
         alpha = xp.exp(-params["heat"] * sigma_blur**2 / 2)
         return alpha, cfg["noise"] * xp.ones_like(alpha)
     if kind == "spd":
-        e = 1.0 - t + cfg["deviation"] * 4.0 * t * (1.0 - t) * params["direction"]
-        abar, sigma2 = _spd_abar_sigma2(xp, e, params["log_spectrum"])
+        one_minus_e = t - cfg["deviation"] * 4.0 * t * (1.0 - t) * params["direction"]
+        abar, sigma2 = _spd_abar_sigma2(xp, 1.0 - one_minus_e, one_minus_e, params["log_spectrum"])
+        if xp is np:  # float64 path: leave invalid (negative) values visible to validate()
+            return np.sqrt(abar), np.sqrt(sigma2)
         return xp.sqrt(xp.clip(abar, 0.0, None)), xp.sqrt(xp.clip(sigma2, 0.0, None))
     if kind == "ddm_constant":
         return 1.0 - t, xp.sqrt(t)
@@ -155,7 +162,8 @@ class Process:
         """(alpha_t, sigma_t) in float64 NumPy (for grids, validation and Fisher lengths)."""
         t = _t_shape(np.asarray(t, np.float64), self.is_scalar, np)
         params = {k: np.asarray(v, np.float64) for k, v in self.params.items()}
-        alpha, sigma = _schedule(self.kind, np, t, params, self.cfg)
+        with np.errstate(invalid="ignore"):  # invalid processes give NaN, caught by validate()
+            alpha, sigma = _schedule(self.kind, np, t, params, self.cfg)
         return np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
 
     def snr(self, t):
@@ -273,12 +281,14 @@ def validate(proc: Process) -> Process:
     alpha = alpha.reshape(len(times), -1)
     sigma = sigma.reshape(len(times), -1)
     grid = proc.grid_shape or (1,)
-    bad = ~(np.isfinite(alpha) & np.isfinite(sigma)) | (alpha < 0) | (sigma < 0)
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isfinite(alpha) & np.isfinite(sigma)) | (alpha < 0) | (sigma < 0)
     if bad.any():
         i, k = np.argwhere(bad)[0]
         raise ValueError(
-            f"process {name}: alpha/sigma not finite and non-negative at t={times[i]:.6g}, "
-            f"{_frequency_name(proc, k, grid)} (alpha={alpha[i, k]}, sigma={sigma[i, k]})"
+            f"process {name}: alpha/sigma not finite and non-negative (a negative variance: the SNR "
+            f"increases) at t={times[i]:.6g}, {_frequency_name(proc, k, grid)} "
+            f"(alpha={alpha[i, k]}, sigma={sigma[i, k]})"
         )
     # V1: t = 0 is clean data.
     if proc.kind not in _V1_EXEMPT:

@@ -75,21 +75,23 @@ def radial_profile(spectrum, basis: str = "dft") -> tuple[np.ndarray, np.ndarray
 
 
 def fit_power_law(spectrum, basis: str = "dft") -> PowerLaw:
-    """Least-squares fit of log S = log c1 - m log(c2 + |k|) to the ring-averaged spectrum.
+    """Least-squares fit of log S = log c1 - m log(c2 + |k|) over all non-DC frequencies.
 
-    The DC ring is excluded (its value is the squared image mean, not part of the power law); c2
-    is found by a log-spaced search with (c1, m) solved in closed form for each candidate.
+    The channel-averaged spectrum is used; DC is excluded (its value is the squared image mean,
+    not part of the power law); c2 is found by a log-spaced search with (c1, m) solved in closed
+    form for each candidate.
     """
-    radii, prof = radial_profile(spectrum, basis)
-    keep = radii > 0
-    radii, log_prof = radii[keep], np.log(prof[keep])
-    if radii.size < 2:
-        raise ValueError("fit_power_law needs at least two non-DC frequency rings")
+    s = np.asarray(spectrum, np.float64).mean(axis=-1)
+    mag = spectral.frequency_magnitude(s.shape[0], s.shape[1], basis)
+    keep = mag > 0
+    radii, log_s = mag[keep], np.log(s[keep])
+    if np.unique(radii).size < 2:
+        raise ValueError("fit_power_law needs at least two distinct non-DC frequencies")
     best = None
-    for c2 in np.geomspace(1e-4, 10.0, 400):
+    for c2 in np.geomspace(1e-4, 10.0, 600):
         design = np.stack([np.ones_like(radii), -np.log(c2 + radii)], axis=1)
-        coef, *_ = np.linalg.lstsq(design, log_prof, rcond=None)
-        err = np.sum((design @ coef - log_prof) ** 2)
+        coef, *_ = np.linalg.lstsq(design, log_s, rcond=None)
+        err = np.sum((design @ coef - log_s) ** 2)
         if best is None or err < best[0]:
             best = (err, PowerLaw(float(np.exp(coef[0])), float(c2), float(coef[1])))
     return best[1]
