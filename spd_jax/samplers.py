@@ -1,0 +1,620 @@
+"""Samplers for every Gaussian process diagonal in a spectral basis (SPEC §0, §6).
+
+One entry point::
+
+    x, info = sample(denoiser, process, method=..., num_steps=N, key=key, shape=(B, H, W, C),
+                     clip_x0=False, **knobs)
+
+Every method works per frequency on spectral coefficients u = B x (the identity basis for
+frequency-independent processes), with coefficient tables precomputed in float64 NumPy (see
+:func:`plan`), cast once to float32, and applied in ONE jit-compiled ``jax.lax.scan`` over the
+grid. The denoiser sees pixel-space x_t = B^-1 u and continuous t of shape (B,).
+
+Methods (knobs; SPEC section):
+
+* ``ancestral`` (``variance`` = "posterior" | "fixed_large"; §6.1): posterior step (1.3).
+* ``ddim`` (``eta`` in [0, 1]; §6.2). eta = 1 equals ``ancestral``.
+* ``gradient_estimation`` (``gamma``, ``mu`` in [0, 1); §6.3), VE form per frequency; the first
+  step uses the plain eps. (gamma, mu) = (1, 0) is DDIM, (1, 1/2) ancestral.
+* ``ddm_bridge`` (``stochastic``, ``c_correction``; §6.4): the DDM/ADM bridge step written per
+  frequency, u_s = u_t + (alpha_s - alpha_t)(-c_hat) + ((sigma_s^2 - sigma_t^2)/sigma_t) eps_hat
+  + sigma_s sqrt(1 - sigma_s^2/sigma_t^2) z (the official form for ``ddm_constant``; an
+  extension for other processes); deterministic: u_s = x0_hat + (1 - alpha_s) c_hat + sigma_s
+  eps_hat. With the c-correction (default) c_hat := -clip(x0_hat), else the denoiser's raw ``c``
+  (or -x0_hat if it has none); with ``clip_x0`` only c_hat is clipped, eps_hat is kept (official).
+* ``heun`` (§6.5): Heun on the probability-flow ODE in VE form, Euler on the last step to
+  zero noise (NFE 2N - 1).
+* ``predict_project`` (``kappa``, ``projection``; §6.6): Euler-Maruyama predict step on the
+  reverse SDE, then u <- u_pred + kappa T(u_pred); default T is the training-free Tweedie
+  surrogate (2/(2 + sqrt(beta)))(alpha_t' x0_hat(u_pred, t') - u_pred), beta = g^2(t) dt per
+  frequency (NFE 2N). A trained ``projection(x, t) -> T`` (pixel space) costs N aux calls.
+* ``smd`` (§6.7): the ancestral step with a stochastic denoiser; the denoiser receives
+  ``key=`` a batch of per-example latent keys (shape (B,) for typed keys, (B, 2) for raw uint32
+  keys; row b belongs to global example ``index[b]``) and should draw example b's latent from row b.
+
+Conventions: t_max = 1 - 1e-3 and a last level at t = 0, where every method returns x0_hat (GE and
+Heun take their update to sigma = 0; predict_project ends with a noise-free predict-project step
+to t = 0). With ``clip_x0`` x0_hat is clipped to [-1, 1] in pixel space and eps_hat recomputed
+from it (except ``ddm_bridge``, see above).
+
+Randomness (SPEC §0): the noise of example i at step j is normal(fold_in(fold_in(key, i), j))
+in pixel space, then transformed; the prior draw is ``process.prior_sample(key, shape, index)``;
+the latent key of example i at step j (``smd``) is fold_in(fold_in(key, i), LATENT_STEP_OFFSET + j).
+Pass ``index`` (global example indices) to split a batch into chunks with identical results.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spd_jax import grids, spectral
+from spd_jax.parameterization import Prediction
+from spd_jax.processes import Process, check_name
+from spd_jax.rng import example_index, example_keys, per_example_normal
+
+METHODS = (
+    "ancestral",
+    "ddim",
+    "gradient_estimation",
+    "ddm_bridge",
+    "heun",
+    "predict_project",
+    "smd",
+)
+
+#: grid used when ``grid=None``
+DEFAULT_GRIDS = {
+    "ancestral": "uniform_t",
+    "ddim": "uniform_t",
+    "gradient_estimation": "log_linear",
+    "ddm_bridge": "adm",
+    "heun": "karras",
+    "predict_project": "uniform_t",
+    "smd": "uniform_t",
+}
+
+#: method knobs and their defaults
+KNOBS = {
+    "ancestral": {"variance": "posterior"},
+    "ddim": {"eta": 0.0},
+    "gradient_estimation": {"gamma": 2.0, "mu": 0.0},
+    "ddm_bridge": {"stochastic": True, "c_correction": True},
+    "heun": {},
+    "predict_project": {"kappa": 0.5, "projection": None},
+    "smd": {"variance": "posterior"},
+}
+
+LATENT_STEP_OFFSET = 1 << 30  #: step offset of the per-example latent keys given to ``smd`` denoisers
+
+_DERIVATIVE_STEP = 1e-5  # central-difference step for f = dlog(alpha)/dt and dsigma^2/dt (float64)
+
+
+class Plan(NamedTuple):
+    """A sampler run precomputed in float64 (SPEC §6.0).
+
+    grid: (S + 1,) t levels, noisiest first; tables: name -> (S, ...) arrays, one row per step
+    (``t_cur``, ``t_next``, ``alpha_cur``, ``sigma_cur``, ``alpha_next``, ``sigma_next`` and the
+    method's coefficients; per-frequency arrays (S, H, W, C) or (S, 1, 1, 1) for scalar
+    processes); noisy: whether any step adds noise; nfe, aux_nfe: the honest call counts.
+    """
+
+    method: str
+    grid: np.ndarray
+    tables: dict
+    noisy: bool
+    nfe: int
+    aux_nfe: int
+
+    @property
+    def num_steps(self) -> int:
+        return self.grid.size - 1
+
+
+class Spectral(NamedTuple):
+    """A denoiser output in the sampler's basis: x0_hat, eps_hat and -c_hat (= x0_hat unless raw c)."""
+
+    x0: Any
+    eps: Any
+    neg_c: Any
+
+
+# ---------------------------------------------------------------------------------------------
+# per-step updates, shared by the JAX scan and the float64 analysis in spd_jax.analytic.
+# ``state`` = (u, eps_prev); ``c`` = this step's table row; ``ops`` supplies predict(u, level),
+# noise(), cond(flag, f, g) and projection (None or u -> T(u)). Only +, -, and products with
+# table entries act on u, so the same code propagates exact Gaussian laws.
+# ---------------------------------------------------------------------------------------------
+
+
+def _ancestral_update(state, c, ops):
+    u, eps_prev = state
+    x0 = ops.predict(u, "cur").x0
+    return c["a_u"] * u + c["a_0"] * x0 + c["a_z"] * ops.noise(), eps_prev
+
+
+def _ddim_update(state, c, ops):
+    u, eps_prev = state
+    pred = ops.predict(u, "cur")
+    return c["a_0"] * pred.x0 + c["a_e"] * pred.eps + c["a_z"] * ops.noise(), eps_prev
+
+
+def _ge_update(state, c, ops):
+    u, eps_prev = state
+    eps = ops.predict(u, "cur").eps
+    eps_bar = c["gamma"] * eps + (1.0 - c["gamma"]) * eps_prev
+    return c["a_u"] * u + c["a_e"] * eps_bar + c["a_z"] * ops.noise(), eps
+
+
+def _bridge_update(state, c, ops):
+    u, eps_prev = state
+    pred = ops.predict(u, "cur")
+    mean = c["a_u"] * u + c["a_0"] * pred.x0 + c["a_c"] * pred.neg_c + c["a_e"] * pred.eps
+    return mean + c["a_z"] * ops.noise(), eps_prev
+
+
+def _heun_update(state, c, ops):
+    u, eps_prev = state
+    eps = ops.predict(u, "cur").eps
+    euler = c["a_u"] * u + c["a_e"] * eps
+
+    def corrected():
+        eps_next = ops.predict(euler, "next").eps
+        return c["a_u"] * u + c["a_e"] * (0.5 * (eps + eps_next))
+
+    return ops.cond(c["second"], corrected, lambda: euler), eps_prev
+
+
+def _pp_update(state, c, ops):
+    u, eps_prev = state
+    eps = ops.predict(u, "cur").eps
+    u_pred = c["p_u"] * u + c["p_e"] * eps
+    if ops.projection is None:
+        direction = c["shrink"] * (c["alpha_next"] * ops.predict(u_pred, "next").x0 - u_pred)
+    else:
+        direction = ops.projection(u_pred)
+    return u_pred + c["kappa"] * direction + c["a_z"] * ops.noise(), eps_prev
+
+
+UPDATES = {
+    "ancestral": _ancestral_update,
+    "ddim": _ddim_update,
+    "gradient_estimation": _ge_update,
+    "ddm_bridge": _bridge_update,
+    "heun": _heun_update,
+    "predict_project": _pp_update,
+    "smd": _ancestral_update,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 coefficient tables
+# ---------------------------------------------------------------------------------------------
+
+
+def _posterior(a_cur, s_cur, a_next, s_next):
+    """(coef on u_t, coef on u_0, posterior variance, sigma_{t|s}^2) of SPEC eq. (1.3)."""
+    a_ts = a_cur / a_next
+    var_ts = np.maximum(s_cur**2 - a_ts**2 * s_next**2, 0.0)
+    return a_ts * s_next**2 / s_cur**2, a_next * var_ts / s_cur**2, var_ts * s_next**2 / s_cur**2, var_ts
+
+
+def _ve_levels(a_cur, s_cur, a_next, s_next, final_zero):
+    """VE levels sigma/alpha per step; the last step to t = 0 goes to sigma = 0 with alpha = 1."""
+    a_next = a_next.copy()
+    ve_cur, ve_next = s_cur / a_cur, s_next / a_next
+    if final_zero:
+        a_next[-1], ve_next[-1] = 1.0, 0.0
+    return ve_cur, ve_next, a_next
+
+
+def _schedule_derivatives(process: Process, t: np.ndarray):
+    """(f, g^2) = (dlog alpha/dt, dsigma^2/dt - 2 f sigma^2) at times t (SPEC §1.2), float64."""
+    lo = np.clip(t - _DERIVATIVE_STEP, 0.0, 1.0)
+    hi = np.clip(t + _DERIVATIVE_STEP, 0.0, 1.0)
+    step = (hi - lo).reshape((-1,) + (1,) * 3)
+    a_lo, s_lo = process.marginal64(lo)
+    a_hi, s_hi = process.marginal64(hi)
+    _, sigma = process.marginal64(t)
+    f = (np.log(a_hi) - np.log(a_lo)) / step
+    g2 = (s_hi**2 - s_lo**2) / step - 2.0 * f * sigma**2
+    return f, np.maximum(g2, 0.0)
+
+
+def _method_tables(process, method, grid, levels, knobs):
+    a_all, s_all = levels
+    a_cur, s_cur, a_next, s_next = a_all[:-1], s_all[:-1], a_all[1:], s_all[1:]
+    final_zero = grid[-1] == 0.0
+    steps = grid.size - 1
+    last = np.arange(steps) == steps - 1
+
+    def final(value, override):
+        return np.where(last.reshape((-1, 1, 1, 1)) & final_zero, override, value)
+
+    if method in ("ancestral", "smd"):
+        c_ut, c_u0, post_var, var_ts = _posterior(a_cur, s_cur, a_next, s_next)
+        std = np.sqrt(post_var if knobs["variance"] == "posterior" else var_ts)
+        return {"a_u": final(c_ut, 0.0), "a_0": final(c_u0, 1.0), "a_z": final(std, 0.0)}
+    if method == "ddim":
+        _, _, post_var, _ = _posterior(a_cur, s_cur, a_next, s_next)
+        noise = knobs["eta"] * np.sqrt(post_var)
+        return {
+            "a_0": final(a_next, 1.0),
+            "a_e": final(np.sqrt(np.maximum(s_next**2 - noise**2, 0.0)), 0.0),
+            "a_z": final(noise, 0.0),
+        }
+    if method == "gradient_estimation":
+        mu = knobs["mu"]
+        ve_cur, ve_next, a_eff = _ve_levels(a_cur, s_cur, a_next, s_next, final_zero)
+        if mu == 0:
+            ve_mid = ve_next
+        else:
+            log_mid = (np.log(ve_next) - mu * np.log(ve_cur)) / (1.0 - mu)
+            ve_mid = np.where(ve_next > 0, np.exp(log_mid), 0.0)
+        gamma = np.full((steps, 1, 1, 1), float(knobs["gamma"]))
+        gamma[0] = 1.0  # the first step has no cached eps
+        return {
+            "a_u": a_eff / a_cur,
+            "a_e": -a_eff * (ve_cur - ve_mid),
+            "a_z": a_eff * np.sqrt(np.maximum(ve_next**2 - ve_mid**2, 0.0)),
+            "gamma": gamma,
+        }
+    if method == "heun":
+        ve_cur, ve_next, a_eff = _ve_levels(a_cur, s_cur, a_next, s_next, final_zero)
+        return {
+            "a_u": a_eff / a_cur,
+            "a_e": a_eff * (ve_next - ve_cur),
+            "second": ~(last & final_zero),
+        }
+    if method == "ddm_bridge":
+        ones, zeros = np.ones_like(s_cur), np.zeros_like(s_cur)
+        if knobs["stochastic"]:
+            table = {
+                "a_u": ones,
+                "a_0": zeros,
+                "a_c": a_next - a_cur,
+                "a_e": (s_next**2 - s_cur**2) / s_cur,
+                "a_z": s_next * np.sqrt(np.maximum(1.0 - s_next**2 / s_cur**2, 0.0)),
+            }
+        else:
+            table = {"a_u": zeros, "a_0": ones, "a_c": -(1.0 - a_next), "a_e": s_next, "a_z": zeros}
+        overrides = {"a_u": 0.0, "a_0": 1.0, "a_c": 0.0, "a_e": 0.0, "a_z": 0.0}
+        return {name: final(value, overrides[name]) for name, value in table.items()}
+    if method == "predict_project":
+        f, g2 = _schedule_derivatives(process, grid[:-1])
+        dt = (grid[:-1] - grid[1:]).reshape((-1, 1, 1, 1))
+        beta = g2 * dt
+        return {
+            "p_u": 1.0 - f * dt,
+            "p_e": -beta / s_cur,
+            "shrink": 2.0 / (2.0 + np.sqrt(beta)),
+            "kappa": np.full((steps, 1, 1, 1), float(knobs["kappa"])),
+            "a_z": final(np.sqrt(beta), 0.0),
+        }
+    raise AssertionError(method)
+
+
+def _resolve_knobs(method: str, grid, knobs: dict) -> tuple[dict, dict]:
+    """Split ``knobs`` into (method knobs with defaults, grid options); reject unknown names."""
+    grid_options = grids.GRID_OPTIONS[check_name(grid, grids.GRIDS, "grid")] if isinstance(grid, str) else ()
+    valid = tuple(KNOBS[method]) + tuple(grid_options)
+    for name in knobs:
+        check_name(name, valid, f"option of method {method!r}" + (f" with grid {grid!r}" if grid_options else ""))
+    method_knobs = {name: knobs.get(name, default) for name, default in KNOBS[method].items()}
+    grid_kw = {name: knobs[name] for name in grid_options if name in knobs}
+    if method == "ddim" and not 0.0 <= method_knobs["eta"] <= 1.0:
+        raise ValueError(f"ddim eta must be in [0, 1]; got {method_knobs['eta']}")
+    if method == "gradient_estimation":
+        if not 0.0 <= method_knobs["mu"] < 1.0:
+            raise ValueError(f"gradient_estimation mu must be in [0, 1); got {method_knobs['mu']}")
+        if not np.isfinite(method_knobs["gamma"]):
+            raise ValueError(f"gradient_estimation gamma must be finite; got {method_knobs['gamma']}")
+    if method in ("ancestral", "smd"):
+        check_name(method_knobs["variance"], ("posterior", "fixed_large"), "ancestral variance")
+    if method == "predict_project":
+        if not method_knobs["kappa"] >= 0:
+            raise ValueError(f"predict_project kappa must be >= 0; got {method_knobs['kappa']}")
+        if method_knobs["projection"] is not None and not callable(method_knobs["projection"]):
+            raise ValueError("predict_project projection must be a function projection(x, t) -> T")
+    return method_knobs, grid_kw
+
+
+def check_process(process) -> Process:
+    """Raise a clear ValueError for processes the generic samplers cannot run."""
+    if not isinstance(process, Process):
+        name = getattr(process, "name", type(process).__name__)
+        raise ValueError(
+            f"process {name!r} is not a Gaussian process of form (1.1): ddm_linear has a "
+            "non-Gaussian offset term and its own (a, C) head and bridge step, so the generic "
+            "samplers refuse it"
+        )
+    if not process.gaussian_prior:
+        raise ValueError(
+            f"process {process.name!r} has a data-dependent prior (blurred training images, DC never "
+            "noised): generic Gaussian-prior samplers refuse it; use its own residual sampler"
+        )
+    return process
+
+
+def _check_method(method: str) -> str:
+    return check_name(method, METHODS, "sampling method")
+
+
+def _check_num_steps(num_steps) -> int:
+    if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}")
+    return int(num_steps)
+
+
+def _build_grid(process, method, num_steps, grid, grid_kw) -> np.ndarray:
+    if grid is None:
+        grid = DEFAULT_GRIDS[method]
+    if isinstance(grid, str):
+        return grids.make(grid, process, num_steps, **grid_kw)
+    grid = grids.check_grid(grid)
+    if grid.size - 1 != num_steps:
+        raise ValueError(
+            f"an explicit grid of {grid.size} levels has {grid.size - 1} steps, not num_steps={num_steps}"
+        )
+    return grid
+
+
+def plan(process: Process, *, method: str, num_steps: int, grid=None, **knobs) -> Plan:
+    """Precompute a sampler run in float64: grid, per-step coefficient tables and NFE.
+
+    ``grid`` is a name from :data:`spd_jax.grids.GRIDS` (default :data:`DEFAULT_GRIDS`), with grid
+    options (``t_max``, ``t_end``, ``rho``, ``sigma_start``) among ``knobs``, or an explicit array
+    of ``num_steps + 1`` decreasing t levels.
+    """
+    check_process(process)
+    method = _check_method(method)
+    num_steps = _check_num_steps(num_steps)
+    method_knobs, grid_kw = _resolve_knobs(method, DEFAULT_GRIDS[method] if grid is None else grid, knobs)
+    if method == "predict_project" and process.num_levels is not None:
+        raise ValueError(
+            f"predict_project needs the continuous SDE drift and diffusion (f, g^2) of the process; "
+            f"{process.name!r} is discrete: use its continuous counterpart (e.g. vp_linear())"
+        )
+    grid = _build_grid(process, method, num_steps, grid, grid_kw)
+    alpha, sigma = process.marginal64(grid)
+    shape = np.broadcast_shapes(alpha.shape, sigma.shape)
+    alpha, sigma = np.broadcast_to(alpha, shape), np.broadcast_to(sigma, shape)
+    with np.errstate(divide="ignore", invalid="ignore"):  # non-finite entries are reported below
+        tables = _method_tables(process, method, grid, (alpha, sigma), method_knobs)
+    for name, table in tables.items():
+        bad = ~np.isfinite(np.asarray(table, np.float64))
+        if bad.any():
+            j = int(np.argwhere(bad)[0][0])
+            raise ValueError(
+                f"method {method!r} on process {process.name!r}: coefficient {name!r} is not finite at "
+                f"step {j} (t = {grid[j]:.6g} -> {grid[j + 1]:.6g}); alpha_t = 0 there? "
+                "start below t = 1 (t_max < 1)"
+            )
+    tables.update(
+        t_cur=grid[:-1],
+        t_next=grid[1:],
+        alpha_cur=alpha[:-1],
+        sigma_cur=sigma[:-1],
+        alpha_next=alpha[1:],
+        sigma_next=sigma[1:],
+    )
+    steps = grid.size - 1
+    nfe, aux = count_nfe(method, steps, final_zero=grid[-1] == 0.0, projection=method_knobs.get("projection"))
+    noisy = bool(np.any(tables.get("a_z", 0.0) != 0.0))
+    return Plan(method, grid, tables, noisy, nfe, aux)
+
+
+def count_nfe(method: str, steps: int, *, final_zero: bool = True, projection=None) -> tuple[int, int]:
+    """(nfe, aux_nfe) of ``steps`` sampler steps (SPEC §6.8)."""
+    method = _check_method(method)
+    if method == "heun":
+        return (2 * steps - 1 if final_zero else 2 * steps), 0
+    if method == "predict_project":
+        return (2 * steps, 0) if projection is None else (steps, steps)
+    if method == "smd":
+        return steps, steps
+    return steps, 0
+
+
+def steps_for_nfe(method: str, target_nfe: int, *, grid=None) -> int:
+    """Largest num_steps N whose nominal NFE(N) <= ``target_nfe`` (SPEC §0 "NFE targets").
+
+    Nominal NFE: Heun 2N - 1 (2N on a grid not ending at t = 0), predict-project 2N, the
+    ``ddm_public`` grid N + 1, otherwise N.
+    """
+    method = _check_method(method)
+    name = DEFAULT_GRIDS[method] if grid is None else grid
+    final_zero = name != "ge_discrete"
+
+    def nominal(n: int) -> int:
+        steps = grids.num_grid_steps(name, n)
+        nfe, aux = count_nfe(method, steps, final_zero=final_zero)
+        return nfe + aux if method == "predict_project" else nfe
+
+    if nominal(1) > target_nfe:
+        raise ValueError(f"method {method!r} needs at least {nominal(1)} NFE; target {target_nfe} is too small")
+    n = 1
+    while nominal(n + 1) <= target_nfe:
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# the JAX scan
+# ---------------------------------------------------------------------------------------------
+
+
+class _JaxOps:
+    """predict / noise / cond / projection of one scan step (see the update functions)."""
+
+    def __init__(self, c, *, denoiser, projection, basis, key, index, shape, clip_x0, bridge, c_correction,
+                 noisy, smd):
+        self.c, self.denoiser, self.basis, self.key, self.index = c, denoiser, basis, key, index
+        self.shape, self.clip_x0, self.bridge, self.c_correction = shape, clip_x0, bridge, c_correction
+        self.noisy, self.smd = noisy, smd
+        self.projection = None if projection is None else self._project_with(projection)
+
+    def _time(self, level):
+        return jnp.full((self.shape[0],), self.c["t_" + level], jnp.float32)
+
+    def predict(self, u, level) -> Spectral:
+        x = spectral.from_spectral(u, self.basis)
+        if self.smd:
+            keys = example_keys(self.key, self.shape[0], self.index, step=LATENT_STEP_OFFSET + self.c["step"])
+            pred = self.denoiser(x, self._time(level), key=keys)
+        else:
+            pred = self.denoiser(x, self._time(level))
+        if not isinstance(pred, Prediction):
+            raise TypeError(f"a denoiser must return spd_jax.parameterization.Prediction; got {type(pred)}")
+        x0 = jnp.clip(pred.x0, -1.0, 1.0) if self.clip_x0 else pred.x0
+        u0 = spectral.to_spectral(x0, self.basis)
+        if self.clip_x0 and not self.bridge:
+            eps = (u - self.c["alpha_" + level] * u0) / self.c["sigma_" + level]
+        else:
+            eps = spectral.to_spectral(pred.eps, self.basis)
+        if self.c_correction or pred.c is None:
+            neg_c = u0
+        else:
+            neg_c = -spectral.to_spectral(pred.c, self.basis)
+        return Spectral(u0, eps, neg_c)
+
+    def noise(self):
+        if not self.noisy:
+            return 0.0
+        z = per_example_normal(self.key, self.shape, jnp.float32, index=self.index, step=self.c["step"])
+        return spectral.to_spectral(z, self.basis)
+
+    @staticmethod
+    def cond(flag, true_fn, false_fn):
+        return jax.lax.cond(flag, true_fn, false_fn)
+
+    def _project_with(self, projection):
+        def project(u):
+            x = spectral.from_spectral(u, self.basis)
+            return spectral.to_spectral(projection(x, self._time("next")), self.basis)
+
+        return project
+
+
+_STATIC = ("denoiser", "projection", "method", "basis", "shape", "clip_x0", "c_correction", "noisy")
+
+
+def _run(tables, process, key, x_init, index, *, denoiser, projection, method, basis, shape, clip_x0,
+         c_correction, noisy):
+    if x_init is None:
+        x_init = process.prior_sample(key, shape, index=index)
+    u = spectral.to_spectral(x_init, basis)
+    update = UPDATES[method]
+
+    def body(state, c):
+        ops = _JaxOps(
+            c,
+            denoiser=denoiser,
+            projection=projection,
+            basis=basis,
+            key=key,
+            index=index,
+            shape=shape,
+            clip_x0=clip_x0,
+            bridge=method == "ddm_bridge",
+            c_correction=c_correction,
+            noisy=noisy,
+            smd=method == "smd",
+        )
+        return update(state, c, ops), None
+
+    (u, _), _ = jax.lax.scan(body, (u, jnp.zeros_like(u)), tables)
+    return spectral.from_spectral(u, basis)
+
+
+_run_jit = jax.jit(_run, static_argnames=_STATIC)
+
+
+def _device_tables(plan_: Plan) -> dict:
+    out = {}
+    for name, table in plan_.tables.items():
+        table = np.asarray(table)
+        out[name] = jnp.asarray(table, jnp.bool_ if table.dtype == bool else jnp.float32)
+    out["step"] = jnp.arange(plan_.num_steps, dtype=jnp.int32)
+    return out
+
+
+def _resolve_shape(process: Process, shape, x_T):
+    if x_T is not None:
+        x_T = jnp.asarray(x_T, jnp.float32)
+        if shape is not None and tuple(shape) != tuple(x_T.shape):
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)} was given")
+        shape = x_T.shape
+    if shape is None:
+        raise ValueError("give the sample shape (B, H, W, C) as shape= or a starting state x_T")
+    shape = tuple(int(s) for s in shape)
+    process.check_image_shape(shape)
+    return shape, x_T
+
+
+def sample(
+    denoiser: Callable[..., Prediction],
+    process: Process,
+    *,
+    method: str,
+    num_steps: int,
+    key: jax.Array,
+    clip_x0: bool,
+    shape=None,
+    x_T=None,
+    grid=None,
+    index=None,
+    **knobs,
+) -> tuple[jax.Array, dict]:
+    """Draw samples x (B, H, W, C), pixel space, with ``method`` over ``num_steps`` steps.
+
+    Args:
+      denoiser: ``denoiser(x_t, t, *, key=None) -> Prediction`` (pixel space, t of shape (B,)).
+        Hashable (a function): compiled samplers are cached per denoiser object.
+      process: a Gaussian-prior :class:`~spd_jax.processes.Process`.
+      method: one of :data:`METHODS`; ``knobs`` are its options (:data:`KNOBS`) and grid options.
+      num_steps: sampler steps N (>= 1); the NFE is in ``info["nfe"]`` (see :func:`steps_for_nfe`).
+      key: PRNG key; noise of example i at step j is normal(fold_in(fold_in(key, i), j)).
+      clip_x0: clip x0_hat to [-1, 1] in pixel space (no default: off for analytic denoisers,
+        latent models and exactness tests; on for learned pixel-space models).
+      shape, x_T: sample shape, or the starting state at the first grid level (default: a draw
+        from ``process.prior_sample``).
+      grid: a grid name (:data:`spd_jax.grids.GRIDS`) or an explicit array of t levels.
+      index: global example indices (B,) of this batch (default arange(B)).
+
+    Returns:
+      (x, info) with info = {"nfe", "aux_nfe", "grid" (float64 t levels), "method"}.
+    """
+    if not isinstance(clip_x0, bool):
+        raise ValueError(f"clip_x0 must be True or False; got {clip_x0!r}")
+    check_process(process)
+    method = _check_method(method)
+    shape, x_T = _resolve_shape(process, shape, x_T)
+    index = example_index(shape[0], index)
+    plan_ = plan(process, method=method, num_steps=num_steps, grid=grid, **knobs)
+    projection = knobs.get("projection")
+    try:
+        hash(denoiser)
+        hash(projection)
+    except TypeError as err:
+        raise ValueError("denoiser and projection must be hashable callables (functions or partials)") from err
+    x = _run_jit(
+        _device_tables(plan_),
+        process,
+        key,
+        x_T,
+        index,
+        denoiser=denoiser,
+        projection=projection,
+        method=method,
+        basis="identity" if process.is_scalar else process.basis,
+        shape=shape,
+        clip_x0=clip_x0,
+        c_correction=bool(knobs.get("c_correction", True)),
+        noisy=plan_.noisy,
+    )
+    info = {"nfe": plan_.nfe, "aux_nfe": plan_.aux_nfe, "grid": plan_.grid, "method": method}
+    return x, info
