@@ -1,13 +1,27 @@
-"""spd_jax launcher: ``python launch.py --config=configs/X.py --workdir=DIR [--config.a.b=value]``."""
+"""spd_jax launcher.
 
-from absl import app, flags
+    python launch.py --config=configs/digits_spd.py --workdir=DIR [--mode=train|sample] [--config.a.b=value]
+
+Training configs (``job = "train"``) train or resume the run in DIR (``--mode=train``) or draw
+samples from its latest checkpoint's EMA parameters (``--mode=sample``, with any sampler and NFE,
+e.g. ``--config.sample.method=ddim --config.sample.nfe=50``). ``configs/path_report.py`` runs the
+Fisher-length report (no training).
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs import configs.defaults
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (created if needed).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "Train (or resume), or sample from a checkpoint.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-JOBS = ("path_report",)
+JOBS = ("path_report", "train")
 
 
 def main(argv):
@@ -20,8 +34,44 @@ def main(argv):
 
         path_report.run(config, _WORKDIR.value)
         return
-    raise app.UsageError(f"config job {job!r} is not available; expected one of {JOBS}")
+    if job != "train":
+        raise app.UsageError(f"config job {job!r} is not available; expected one of {JOBS}")
+    import jax
+
+    from spd_jax import config_utils, experiment
+
+    experiment.maybe_initialize_distributed(config)
+    # every check runs before anything compiles or is written
+    config_utils.validate(config, jax.device_count(), jax.process_count())
+    config_utils.check_workdir(_WORKDIR.value)
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    if _MODE.value == "train":
+        experiment.train(config, _WORKDIR.value)
+    else:
+        path = experiment.sample(config, _WORKDIR.value)
+        if path:
+            print(f"samples written to {path} (and .png)")
+
+
+def _parse_flags(argv):
+    """absl flag parsing; an override of a config key that does not exist exits with a message."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as err:  # raised by ml_collections for unknown keys
+        text = str(err).encode().decode("unicode_escape").replace("'", "").replace("\n", "; ")
+        sys.exit(f"error: a --config override names a key that does not exist: {text}")
+    except flags.Error as err:
+        sys.exit(f"error: {err}")
+
+
+def _run():
+    from spd_jax.config_utils import ConfigError
+
+    try:
+        app.run(main, flags_parser=_parse_flags)
+    except (ConfigError, FileNotFoundError, FloatingPointError) as err:  # a clear message, no traceback
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _run()

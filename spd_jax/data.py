@@ -103,3 +103,148 @@ def load_embedded(name: str, split: str = "train", **kwargs) -> np.ndarray:
     """Load an embedded data set by name ("digits" or "patches")."""
     check_name(name, EMBEDDED, "embedded dataset")
     return load_digits(split, **kwargs) if name == "digits" else load_patches(split, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# training pipelines (grain)
+# ---------------------------------------------------------------------------------------------
+
+#: Datasets read from a user-prepared TFDS data_dir (array_record), with their image feature.
+TFDS_DATASETS = {"cifar10": "image", "celeb_a": "image", "mnist": "image", "fashion_mnist": "image",
+                 "svhn_cropped": "image"}
+DATASETS = EMBEDDED + tuple(TFDS_DATASETS)
+#: Center crop (pixels) applied to CelebA's 218x178 faces before resizing (the usual 64 px protocol).
+CELEBA_CROP = 140
+
+
+def check_dataset(name: str) -> str:
+    return check_name(name, DATASETS, "dataset")
+
+
+def prepare_command(name: str, data_dir: str | None) -> str:
+    """The shell command that prepares TFDS dataset ``name`` for :func:`tfds_source`."""
+    where = f" --data_dir={data_dir}" if data_dir else ""
+    return f"tfds build {name}{where} --file_format=array_record"
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None):
+    """Random-access source over a prepared TFDS dataset (array_record); no download is tried.
+
+    Raises FileNotFoundError with the exact preparation command when the dataset is missing.
+    """
+    check_name(name, tuple(TFDS_DATASETS), "TFDS dataset")
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    prepared = builder.is_prepared() and "array_record" in str(builder.info.file_format)
+    if not prepared:
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} is not prepared in array_record format under "
+            f"{builder.data_dir!s}. Prepare it once (needs TensorFlow, e.g. `pip install tensorflow-cpu`):\n"
+            f"  {prepare_command(name, data_dir)}\n"
+            "then pass the same directory as config.data.tfds_data_dir."
+        )
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+
+
+def to_model_units(image, size: int | None = None, center_crop: int | None = None) -> np.ndarray:
+    """uint8 (H, W, C) -> float32 in [-1, 1], optionally center-cropped then resized to ``size``."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if center_crop:
+        h, w = image.shape[:2]
+        top, left = (h - center_crop) // 2, (w - center_crop) // 2
+        image = image[top : top + center_crop, left : left + center_crop]
+    if size is not None and image.shape[:2] != (size, size):
+        from PIL import Image
+
+        squeeze = image.shape[-1] == 1
+        pil = Image.fromarray(image[..., 0] if squeeze else image)
+        image = np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None))
+        image = image[..., None] if squeeze else image
+    return image.astype(np.float32) / 127.5 - 1.0
+
+
+class TFDSImages:
+    """A grain-compatible random-access source of TFDS images in model units (H, W, C)."""
+
+    def __init__(self, name: str, split: str, data_dir: str | None = None, image_size: int | None = None):
+        self._source = tfds_source(name, split, data_dir)
+        self._feature = TFDS_DATASETS[name]
+        self._size = image_size
+        self._crop = CELEBA_CROP if name == "celeb_a" else None
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return to_model_units(self._source[index][self._feature], self._size, self._crop)
+
+
+def image_source(name: str, split: str = "train", *, data_dir: str | None = None, image_size: int | None = None,
+                 seed: int = 0, crops_per_photo: int = 512):
+    """Random-access images (len, [i] -> float32 (H, W, C) in [-1, 1]) for any dataset name.
+
+    Embedded sets come back as in-memory arrays; TFDS sets are read lazily from ``data_dir``.
+    """
+    check_dataset(name)
+    if name == "digits":
+        return load_digits(split, seed=seed)
+    if name == "patches":
+        return load_patches(split, crops_per_photo=crops_per_photo, seed=seed)
+    return TFDSImages(name, split, data_dir, image_size)
+
+
+def _flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return image[:, ::-1] if rng.random() < 0.5 else image
+
+
+def make_pipeline(
+    source,
+    *,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    flip: bool = False,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 2,
+    prefetch: int = 4,
+):
+    """An endless grain stream of local batches ``{"image": (batch_size, H, W, C)}``.
+
+    The global stream is the same for every process count: epochs are reshuffled with ``seed``,
+    flips are drawn per stream position, and global batch b is the concatenation over processes p
+    of local batch b of process p, whose rows it alone reads. ``batch_size`` is the *local* batch
+    (global batch / process_count). ``iter()`` of the result is a grain DatasetIterator whose
+    ``get_state()`` / ``set_state()`` checkpoint the position exactly.
+    """
+    import grain
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}); got {process_index}")
+    if len(source) < 1:
+        raise ValueError("the data source is empty")
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(None)
+    if flip:
+        ds = ds.random_map(_flip, seed=seed + 1)
+    ds = ds.map(lambda image: {"image": np.asarray(image, np.float32)})
+    ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+
+
+def spectrum_images(source, num_images: int, flip: bool) -> np.ndarray:
+    """The first ``num_images`` images of ``source`` (N, H, W, C) for a spectrum estimate, with
+    their mirror images appended when training uses flips (same preprocessing as training)."""
+    count = min(int(num_images), len(source))
+    if isinstance(source, np.ndarray):
+        images = source[:count]
+    else:
+        images = np.stack([source[i] for i in range(count)])
+    return np.concatenate([images, images[:, :, ::-1]]) if flip else images

@@ -1,0 +1,97 @@
+"""Defaults shared by every training config; each experiment file overrides what it changes.
+
+Sizes are in pixels, learning rates per optimiser step, batch sizes global (all devices of all
+processes). Every field can be overridden on the command line: ``--config.train.num_steps=500``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.job = "train"
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "digits"  # digits | patches | cifar10 | celeb_a | mnist | fashion_mnist | svhn_cropped
+    config.data.tfds_data_dir = ""  # TFDS data_dir of a prepared dataset ("" = TFDS's default)
+    config.data.image_size = 0  # resize TFDS images to this size (0 = native size)
+    config.data.flip = False  # random horizontal flips
+    config.data.crops_per_photo = 512  # patches: random 32x32 training crops per photograph
+    config.data.num_threads = 2  # grain reader threads per process
+    config.data.seed = 0  # shuffling / flip seed (the embedded test split uses seed 0)
+
+    config.process = ml_collections.ConfigDict()
+    config.process.name = "spd"  # see spd_jax.processes.PROCESS_NAMES
+    config.process.spectrum = "estimate"  # SPD: "estimate" from training data, or the CIFAR-10 "preset"
+    config.process.spectrum_images = 10000  # images used for the spectrum estimate
+    config.process.per_channel = True  # per-channel spectrum (False: channel-averaged)
+    config.process.num_levels = 0  # vp_linear: discrete DDPM table with this T (0 = continuous)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.kind = "unet"  # unet | smd (U-Net with SMD latent network and hypernetworks)
+    config.model.head = "eps"  # eps | x0 | v | flow | score | ddm_dual | ddm_c
+    config.model.base_channels = 64
+    config.model.channel_mult = (1, 2)
+    config.model.num_res_blocks = 1
+    config.model.attention_resolutions = ()  # spatial sizes (pixels) with self-attention
+    config.model.num_heads = 4
+    config.model.head_channels = 0  # channels per attention head (0 = use num_heads)
+    config.model.dropout = 0.0
+    config.model.resample = "conv"  # conv | resblock
+    config.model.decouple = False  # DDM decouple block at the start of each decoder
+    config.model.mid_attention = False
+    config.model.norm_groups = 32
+    config.model.input_kernel = 3
+    config.model.time_embedding = "linear"  # linear (1000 t) | log (log t) | discrete
+    config.model.latent_dim = 100  # smd: latent channels per pixel (d)
+    config.model.latent_base_channels = 32  # smd: width of the latent network g_xi
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.t_min = 1e-4  # training times t ~ U(t_min, t_max)
+    config.loss.t_max = 1.0
+    config.loss.ddm_weighting = "ddm_public"  # DDM heads: see spd_jax.losses.DDM_WEIGHTINGS
+    config.loss.ddm_rec_weight = 1.0
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.learning_rate = 2e-4
+    config.optim.warmup_steps = 100
+    config.optim.schedule = "constant"  # constant | cosine (to end_factor * lr at train.num_steps)
+    config.optim.end_factor = 0.0
+    config.optim.weight_decay = 0.0
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.grad_clip = 1.0  # global-norm clipping (0 = off)
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 128  # global batch
+    config.train.num_steps = 1000
+    config.train.steps_per_dispatch = 1  # optimiser steps per jitted call (lax.scan; keep 1 on CPU)
+    config.train.ema = 0.999  # with warm-up: min(ema, (1 + n) / (10 + n))
+    config.train.log_every = 50
+    config.train.sample_every = 0  # sample grid every this many steps (0 = only at the end)
+    config.train.checkpoint_every = 500
+    config.train.keep_checkpoints = 3
+    config.train.fast_compile = False  # compile without XLA backend optimisation (smoke tests)
+    config.train.max_nonfinite_streak = 20  # stop after this many skipped (non-finite) updates in a row
+
+    config.sample = ml_collections.ConfigDict()
+    config.sample.method = "gradient_estimation"  # see spd_jax.samplers.METHODS
+    config.sample.nfe = 10  # network evaluations (the largest step count within it)
+    config.sample.grid = ""  # time grid (see spd_jax.grids.GRIDS; "" = the method's default)
+    config.sample.t_max = 1.0 - 1e-3  # first (noisiest) grid level
+    config.sample.clip_x0 = True  # clip x0_hat to [-1, 1] (learned pixel-space models, SPEC §10)
+    config.sample.grid_images = 64  # images in each training sample grid (0 = no grids)
+    config.sample.num_samples = 64  # --mode=sample: images written
+    config.sample.batch_size = 256  # images per sampler call
+    config.sample.seed = 1
+    config.sample.upscale = 1  # nearest-neighbour magnification of grid PNGs
+    config.sample.options = ml_collections.ConfigDict()  # method knobs, e.g. gamma, eta, kappa
+
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.initialize = False  # call jax.distributed.initialize (also if JAX_COORDINATOR_ADDRESS is set)
+    config.distributed.coordinator_address = ""  # host:port of process 0 ("" = from the environment)
+    config.distributed.num_processes = 0  # 0 = from the environment
+    config.distributed.process_id = -1  # -1 = from the environment
+    return config

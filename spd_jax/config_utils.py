@@ -1,0 +1,190 @@
+"""Checks of a training config, run before anything is compiled or written.
+
+:func:`validate` raises a :class:`ConfigError` (a ``ValueError``) naming the offending field, its value and what was
+expected; it reads only the config, the names registries and the device count.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from spd_jax import data, grids, processes, samplers
+from spd_jax.losses import DDM_WEIGHTINGS
+from spd_jax.models.heads import DDM_HEADS, HEADS
+from spd_jax.models.unet import RESAMPLE_MODES, TIME_EMBEDDINGS
+from spd_jax.train import SCHEDULES
+
+MODEL_KINDS = ("unet", "smd")
+#: processes the training system can train and sample (IHDM needs its residual loss and sampler,
+#: ddm_linear its own (a, C) head and bridge step)
+TRAINABLE_PROCESSES = tuple(p for p in processes.PROCESS_NAMES if p not in ("ihdm", "ddm_linear"))
+SPECTRUM_SOURCES = ("estimate", "preset")
+#: image sizes of the datasets at native resolution
+NATIVE_SIZES = {"digits": 8, "patches": 32, "cifar10": 32, "mnist": 28, "fashion_mnist": 28, "svhn_cropped": 32}
+
+
+def _fail(field: str, value, expected: str):
+    raise ConfigError(f"config.{field} = {value!r} is invalid: expected {expected}")
+
+
+def _name(config, field: str, valid) -> None:
+    value = _get(config, field)
+    try:
+        processes.check_name(value, valid, f"config.{field}")
+    except ValueError as err:
+        raise ConfigError(str(err).replace("unknown config.", "config.", 1)) from None
+
+
+def _get(config, field: str):
+    node = config
+    for part in field.split("."):
+        node = node[part]
+    return node
+
+
+def _positive(config, *fields: str) -> None:
+    for field in fields:
+        value = _get(config, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            _fail(field, value, "an integer >= 1")
+
+
+def image_size(config) -> int:
+    """Training image side length in pixels (square images)."""
+    if config.data.image_size:
+        return int(config.data.image_size)
+    if config.data.name == "celeb_a":
+        return 64
+    return NATIVE_SIZES[config.data.name]
+
+
+class ConfigError(ValueError):
+    """A config value (or the workdir) is unusable; raised before anything compiles or is written."""
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int, process_count: int = 1) -> None:
+    """Raise :class:`ConfigError` for the first invalid value of a training config."""
+    try:
+        _validate(config, device_count, process_count)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def _validate(config, device_count: int, process_count: int) -> None:
+    _name(config, "data.name", data.DATASETS)
+    _name(config, "process.name", TRAINABLE_PROCESSES)
+    _name(config, "process.spectrum", SPECTRUM_SOURCES)
+    _name(config, "model.kind", MODEL_KINDS)
+    _name(config, "model.head", HEADS)
+    _name(config, "model.resample", RESAMPLE_MODES)
+    _name(config, "model.time_embedding", TIME_EMBEDDINGS)
+    _name(config, "loss.ddm_weighting", DDM_WEIGHTINGS)
+    _name(config, "optim.schedule", SCHEDULES)
+    _name(config, "sample.method", samplers.METHODS)
+    if config.sample.grid:
+        _name(config, "sample.grid", grids.GRIDS)
+    _positive(
+        config,
+        "train.batch_size",
+        "train.num_steps",
+        "train.steps_per_dispatch",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.max_nonfinite_streak",
+        "sample.nfe",
+        "sample.num_samples",
+        "sample.batch_size",
+        "sample.upscale",
+        "model.base_channels",
+        "model.num_res_blocks",
+        "model.num_heads",
+        "model.norm_groups",
+        "model.input_kernel",
+        "process.spectrum_images",
+        "data.num_threads",
+    )
+    samplers.steps_for_nfe(config.sample.method, config.sample.nfe, grid=config.sample.grid or None)
+    grid = config.sample.grid or samplers.DEFAULT_GRIDS[config.sample.method]
+    knobs = tuple(samplers.KNOBS[config.sample.method]) + tuple(grids.GRID_OPTIONS[grid])
+    for name in config.sample.options:
+        processes.check_name(name, knobs, f"key of config.sample.options for method {config.sample.method!r}")
+    if config.train.sample_every < 0:
+        _fail("train.sample_every", config.train.sample_every, "an integer >= 0 (0 = only at the end)")
+    if config.sample.grid_images < 0:
+        _fail("sample.grid_images", config.sample.grid_images, "an integer >= 0 (0 = no sample grids)")
+    if config.data.image_size < 0:
+        _fail("data.image_size", config.data.image_size, "an integer >= 0 (0 = native size)")
+    if config.data.name in data.EMBEDDED and config.data.image_size not in (0, NATIVE_SIZES[config.data.name]):
+        _fail("data.image_size", config.data.image_size,
+              f"0 for the embedded {config.data.name!r} images (native {NATIVE_SIZES[config.data.name]} px)")
+    mult = tuple(config.model.channel_mult)
+    if not mult or any(not isinstance(m, int) or m < 1 for m in mult):
+        _fail("model.channel_mult", mult, "a non-empty tuple of integers >= 1")
+    size = image_size(config)
+    if size % 2 ** (len(mult) - 1):
+        _fail("model.channel_mult", mult, f"at most log2-many levels for {size}-pixel images "
+              f"({size} must be divisible by 2^(levels - 1))")
+    batch = config.train.batch_size
+    if batch % device_count:
+        _fail("train.batch_size", batch, f"a multiple of the device count ({device_count})")
+    if batch % process_count:
+        _fail("train.batch_size", batch, f"a multiple of the process count ({process_count})")
+    if not config.optim.learning_rate > 0:
+        _fail("optim.learning_rate", config.optim.learning_rate, "a number > 0")
+    if config.optim.warmup_steps < 0:
+        _fail("optim.warmup_steps", config.optim.warmup_steps, "an integer >= 0")
+    if config.optim.schedule == "cosine" and config.train.num_steps <= config.optim.warmup_steps:
+        _fail("train.num_steps", config.train.num_steps, "more steps than optim.warmup_steps for a cosine schedule")
+    if not 0.0 <= config.train.ema < 1.0:
+        _fail("train.ema", config.train.ema, "a decay in [0, 1)")
+    if not 0.0 <= config.model.dropout < 1.0:
+        _fail("model.dropout", config.model.dropout, "a rate in [0, 1)")
+    if not 0.0 <= config.loss.t_min < config.loss.t_max <= 1.0:
+        _fail("loss.t_min", (config.loss.t_min, config.loss.t_max), "0 <= t_min < t_max <= 1")
+    if not 0.0 < config.sample.t_max <= 1.0:
+        _fail("sample.t_max", config.sample.t_max, "a time in (0, 1]")
+    if config.process.num_levels and config.process.name != "vp_linear":
+        _fail("process.num_levels", config.process.num_levels, "0 unless process.name is 'vp_linear'")
+    if config.process.num_levels < 0 or config.process.num_levels == 1:
+        _fail("process.num_levels", config.process.num_levels, "0 (continuous) or an integer >= 2")
+    _check_families(config)
+
+
+def _check_families(config) -> None:
+    """Model head, process and sampler must fit together."""
+    head, kind, method = config.model.head, config.model.kind, config.sample.method
+    scalar = config.process.name not in processes.SPECTRAL_PROCESSES
+    if head in DDM_HEADS and not scalar:
+        _fail("model.head", head, f"a non-DDM head for the spectral process {config.process.name!r}")
+    if head in DDM_HEADS and kind != "unet":
+        _fail("model.head", head, "a non-DDM head for an SMD model")
+    if method == "smd" and kind != "smd":
+        _fail("sample.method", method, "a method other than 'smd' for a model without latent network")
+    if kind == "smd" and method not in ("smd",):
+        _fail("sample.method", method, "'smd' for an SMD model (its denoiser draws a latent per step)")
+    if method == "ddm_bridge" and head not in DDM_HEADS:
+        _fail("sample.method", method, f"a method other than 'ddm_bridge' for the {head!r} head")
+
+
+def check_workdir(workdir: str) -> str:
+    """Absolute workdir; raises if it exists as a file or cannot be created/written."""
+    if not workdir:
+        raise ConfigError("--workdir is required")
+    path = os.path.abspath(workdir)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ConfigError(f"workdir {path!r} exists and is not a directory")
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"workdir {path!r} is not writable")
+        return path
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ConfigError(f"workdir {path!r} cannot be created: {parent!r} is not a writable directory")
+    return path
