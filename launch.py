@@ -1,11 +1,14 @@
 """spd_jax launcher.
 
-    python launch.py --config=configs/digits_spd.py --workdir=DIR [--mode=train|sample] [--config.a.b=value]
+    python launch.py --config=configs/digits_spd.py --workdir=DIR [--mode=train|sample|eval] [--config.a.b=value]
 
-Training configs (``job = "train"``) train or resume the run in DIR (``--mode=train``) or draw
+Training configs (``job = "train"``) train or resume the run in DIR (``--mode=train``), draw
 samples from its latest checkpoint's EMA parameters (``--mode=sample``, with any sampler and NFE,
-e.g. ``--config.sample.method=ddim --config.sample.nfe=50``). ``configs/path_report.py`` runs the
-Fisher-length report (no training).
+e.g. ``--config.sample.method=ddim --config.sample.nfe=50``), or score the EMA samples of a list of
+(sampler, NFE) settings against the held-out split (``--mode=eval``, e.g.
+``--config.eval.settings=gradient_estimation:10,ddim:10``; report, quality-vs-NFE plot and grids in
+DIR/eval/<name>; an interrupted evaluation resumes, see ``spd_jax/eval_run.py``).
+``configs/path_report.py`` runs the Fisher-length report (no training).
 """
 
 import os
@@ -18,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs import
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (created if needed).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "Train (or resume), or sample from a checkpoint.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
+                          "Train (or resume), sample from a checkpoint, or evaluate a checkpoint.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 JOBS = ("path_report", "train")
@@ -47,6 +51,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     if _MODE.value == "train":
         experiment.train(config, _WORKDIR.value)
+    elif _MODE.value == "eval":
+        from spd_jax import eval_run
+
+        eval_run.check(config)  # settings, metrics, sample counts: before anything is restored or written
+        report = eval_run.run(config, _WORKDIR.value)
+        print(f"eval report: {os.path.join(report['description']['eval_dir'], 'report.json')} "
+              f"(checkpoint step {report['description']['checkpoint_step']}, EMA params)")
     else:
         path = experiment.sample(config, _WORKDIR.value)
         if path:
@@ -65,11 +76,12 @@ def _parse_flags(argv):
 
 
 def _run():
+    from spd_jax.checkpoint import CheckpointError
     from spd_jax.config_utils import ConfigError
 
     try:
         app.run(main, flags_parser=_parse_flags)
-    except (ConfigError, FileNotFoundError, FloatingPointError) as err:  # a clear message, no traceback
+    except (ConfigError, CheckpointError, FileNotFoundError, FloatingPointError) as err:  # a clear message, no traceback
         sys.exit(f"error: {err}")
 
 

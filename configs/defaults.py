@@ -89,6 +89,31 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.upscale = 1  # nearest-neighbour magnification of grid PNGs
     config.sample.options = ml_collections.ConfigDict()  # method knobs, e.g. gamma, eta, kappa
 
+    # image-conditioned tasks (spd_jax.conditional); name "" = unconditional generation
+    config.task = ml_collections.ConfigDict()
+    config.task.name = ""  # "" | sr (super-resolution) | inpaint
+    config.task.factor = 4  # sr: area down-sampling factor (2 or 4)
+    config.task.mask = "box"  # inpaint: box | free_form (per-example random masks)
+    config.task.enforce_known = True  # inpaint: re-impose the known pixels at every sampler step
+    config.task.inputs = ""  # --mode=sample: comma list of image files ("" = the held-out split)
+
+    config.eval = ml_collections.ConfigDict()  # --mode=eval (see spd_jax.eval_run)
+    config.eval.checkpoint_step = 0  # checkpoint evaluated (0 = the latest)
+    # comma-separated "sampler:NFE" entries; config.sample.grid/options apply to config.sample.method only
+    config.eval.settings = ("gradient_estimation:5,gradient_estimation:10,gradient_estimation:20,"
+                            "ddim:5,ddim:10,ddim:20")
+    config.eval.metrics = ""  # comma list of pixel_fd,swd,classifier,fid,kid ("" = per-dataset default)
+    config.eval.num_samples = 0  # samples per setting (0 = 50,000 with FID/KID, else 1000)
+    config.eval.allow_small_sample = False  # FID/KID with < 50,000 samples (stamped as an override)
+    config.eval.inception_weights = ""  # converted Inception .npz; enables FID by default on 32 px+ RGB sets
+    config.eval.reference_split = "test"  # held-out split for the weights-free metrics
+    config.eval.fid_reference_split = "train"  # reference split of FID/KID (the papers' protocol)
+    config.eval.floor = True  # also score real training images against the reference (the floor)
+    config.eval.name = ""  # results under WORKDIR/eval/<name> ("" = step_<checkpoint step>)
+    config.eval.batch_size = 0  # images per sampler call (0 = config.sample.batch_size)
+    config.eval.seed = 0  # sampling key jax.random.key(seed); also seeds SWD directions and subsets
+    config.eval.grid_images = 64  # samples in each setting's grid.png
+
     config.distributed = ml_collections.ConfigDict()
     config.distributed.initialize = False  # call jax.distributed.initialize (also if JAX_COORDINATOR_ADDRESS is set)
     config.distributed.coordinator_address = ""  # host:port of process 0 ("" = from the environment)

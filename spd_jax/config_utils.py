@@ -113,6 +113,10 @@ def _validate(config, device_count: int, process_count: int) -> None:
     knobs = tuple(samplers.KNOBS[config.sample.method]) + tuple(grids.GRID_OPTIONS[grid])
     for name in config.sample.options:
         processes.check_name(name, knobs, f"key of config.sample.options for method {config.sample.method!r}")
+    try:  # option values (eta, gamma, mu, kappa, ...): otherwise first checked at the first sample grid
+        samplers._resolve_knobs(config.sample.method, grid, dict(config.sample.options))
+    except ValueError as err:
+        raise ConfigError(f"config.sample.options: {err}") from None
     if config.train.sample_every < 0:
         _fail("train.sample_every", config.train.sample_every, "an integer >= 0 (0 = only at the end)")
     if config.sample.grid_images < 0:
@@ -153,6 +157,7 @@ def _validate(config, device_count: int, process_count: int) -> None:
     if config.process.num_levels < 0 or config.process.num_levels == 1:
         _fail("process.num_levels", config.process.num_levels, "0 (continuous) or an integer >= 2")
     _check_families(config)
+    __import__("spd_jax.conditional").conditional.validate_task(config)  # config.task (image-conditioned tasks)
 
 
 def _check_families(config) -> None:

@@ -196,6 +196,27 @@ def image_source(name: str, split: str = "train", *, data_dir: str | None = None
     return TFDSImages(name, split, data_dir, image_size)
 
 
+def check_model_units(images, what: str = "images", ndim: int | None = None) -> np.ndarray:
+    """``images`` as an array; raises a ValueError naming ``what``, its shape or range and what is
+    expected unless they are finite floats in model units [-1, 1] with ``ndim`` axes (NHWC: 4,
+    one image HWC: 3)."""
+    images = np.asarray(images)
+    if ndim is not None and images.ndim != ndim:
+        layout = {3: "(H, W, C)", 4: "(N, H, W, C)"}.get(ndim, f"{ndim} axes")
+        raise ValueError(f"{what} has shape {images.shape}: expected {layout}")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(
+            f"{what} has dtype {images.dtype}: expected floats in model units [-1, 1] (uint8 x: x / 127.5 - 1)"
+        )
+    if images.size:
+        lo, hi = float(np.min(images)), float(np.max(images))
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
+            raise ValueError(
+                f"{what} has values in [{lo:.4g}, {hi:.4g}]: expected model units [-1, 1] (uint8 x: x / 127.5 - 1)"
+            )
+    return images
+
+
 def _flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return image[:, ::-1] if rng.random() < 0.5 else image
 
@@ -228,6 +249,7 @@ def make_pipeline(
         raise ValueError(f"process_index must be in [0, {process_count}); got {process_index}")
     if len(source) < 1:
         raise ValueError("the data source is empty")
+    check_model_units(source[0], "item 0 of the data source", ndim=3)
     ds = grain.MapDataset.source(source)
     if shuffle:
         ds = ds.shuffle(seed=seed)
@@ -247,4 +269,5 @@ def spectrum_images(source, num_images: int, flip: bool) -> np.ndarray:
         images = source[:count]
     else:
         images = np.stack([source[i] for i in range(count)])
+    check_model_units(images, f"the first {count} images of the data source", ndim=4)
     return np.concatenate([images, images[:, :, ::-1]]) if flip else images

@@ -16,7 +16,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,17 @@ from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
-from spd_jax import checkpoint, config_utils, data, grids, losses, processes, samplers, spectrum
+from spd_jax import (
+    checkpoint,
+    conditional,
+    config_utils,
+    data,
+    grids,
+    losses,
+    processes,
+    samplers,
+    spectrum,
+)
 from spd_jax import train as training
 from spd_jax.models.heads import DDM_HEADS, model_denoiser
 from spd_jax.models.smd import SMDNet, smd_net
@@ -93,6 +103,7 @@ def build_model(config):
         input_kernel=m.input_kernel,
         time_embedding=m.time_embedding,
         time_levels=(config.process.num_levels or None) if m.time_embedding == "discrete" else None,
+        cond_channels=conditional.cond_channels(config),
     )
     if m.kind == "smd":
         return smd_net(unet, latent_dim=m.latent_dim, latent_base_channels=m.latent_base_channels)
@@ -100,7 +111,12 @@ def build_model(config):
 
 
 def build_loss(config, model, process) -> training.LossFn:
-    """The training objective matching the model's head and kind."""
+    """The training objective matching the model's head and kind (with the conditioning image of
+    ``config.task`` added to each batch, see :func:`spd_jax.conditional.wrap_loss`)."""
+    return conditional.wrap_loss(_base_loss(config, model, process), config)
+
+
+def _base_loss(config, model, process) -> training.LossFn:
     lc, head = config.loss, config.model.head
     if head in DDM_HEADS:
         return losses.make_ddm_loss(model, process, head=head, weighting=lc.ddm_weighting,
@@ -123,7 +139,9 @@ def build_optimizer(config):
 def _init_args(model, shape: tuple, key: jax.Array) -> tuple:
     x = jnp.zeros((1,) + tuple(shape), jnp.float32)
     t = jnp.full((1,), 0.5, jnp.float32)
-    return ({"params": key, "dropout": key}, x, t) + ((x,) if isinstance(model, SMDNet) else ())
+    args = ({"params": key, "dropout": key}, x, t) + ((x,) if isinstance(model, SMDNet) else ())
+    cond = (model.denoiser if isinstance(model, SMDNet) else model).cond_channels
+    return args + ((jnp.zeros((1,) + tuple(shape[:2]) + (cond,), jnp.float32),) if cond else ())
 
 
 def init_variables(model, shape: tuple, key: jax.Array):
@@ -274,6 +292,7 @@ def _check_same_model(config, meta: dict, where: str) -> None:
                 f"config.{field} differs from the checkpoint in {where}: checkpoint {saved.get(field)} vs "
                 f"config {now[field]}; use the training config (or a new workdir)"
             )
+    conditional.check_same_task(config, meta, where)
 
 
 def _crossed(before: int, after: int, every: int) -> bool:
@@ -349,6 +368,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> training.TrainStat
     grid_batch = min(config.sample.grid_images, config.sample.batch_size)
     sampler = make_sampler(model, process, config.model.head, settings, max(grid_batch, 1), shape,
                            tc.fast_compile)
+    task_grid = conditional.training_grid(config, model, process, settings, grid_batch, tc.fast_compile, sample_key)
     meta = {"model_config": _model_config_json(config), "config": json.loads(config.to_json())}
 
     def save(at: int) -> None:
@@ -357,6 +377,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> training.TrainStat
     def sample_grid(at: int) -> None:
         if not config.sample.grid_images:
             return
+        if task_grid is not None:  # input | output | reference panels of held-out images
+            return task_grid(state.ema_params, os.path.join(workdir, "samples", f"step_{at:07d}.png") if is_main else None)
         images, _ = draw_samples(sampler, state.ema_params, sample_key, config.sample.grid_images, grid_batch)
         if is_main:
             os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
@@ -368,6 +390,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> training.TrainStat
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, 0))
     term_at = int(os.environ.get(TERM_AT_STEP_ENV, 0))
     last_log, last_time = step, time.perf_counter()
+    stop = False
     try:
         while step < tc.num_steps:
             k = min(tc.steps_per_dispatch, tc.num_steps - step)
@@ -377,9 +400,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> training.TrainStat
             before, step = step, step + k
             streak = int(metrics["nonfinite_streak"])
             if streak >= tc.max_nonfinite_streak:
+                last = ckpt.latest_step()  # skipped updates leave params unchanged: every checkpoint is good
+                kept = f"the last good checkpoint, step {last}, is kept" if last is not None else "no checkpoint yet"
                 raise FloatingPointError(
                     f"{streak} non-finite updates in a row up to step {step} (config.train.max_nonfinite_streak = "
-                    f"{tc.max_nonfinite_streak}): stopping; the last good checkpoint is step {ckpt.latest_step()}"
+                    f"{tc.max_nonfinite_streak}): stopping; {kept}"
                 )
             if _crossed(before, step, tc.log_every) or step == tc.num_steps:
                 values = {k_: float(v) for k_, v in jax.device_get(metrics).items()}
@@ -393,17 +418,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> training.TrainStat
             bar.update(k)
             if before < term_at <= step:
                 os.kill(os.getpid(), signal.SIGTERM)
-            if _crossed(before, step, tc.checkpoint_every) or step == tc.num_steps or preemption.requested:
+            stop = preemption.requested  # read once: a SIGTERM after this point stops at the next dispatch
+            if jax.process_count() > 1:  # all processes save and stop at the same step
+                from jax.experimental import multihost_utils
+
+                stop = bool(np.any(multihost_utils.process_allgather(np.int32(stop))))
+            if _crossed(before, step, tc.checkpoint_every) or step == tc.num_steps or stop:
                 save(step)
             if _crossed(before, step, tc.sample_every) and step < tc.num_steps:
                 sample_grid(step)
             if kill_at and step >= kill_at:
                 ckpt.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
-            if preemption.requested:
+            if stop:
                 logging.warning("SIGTERM: wrote the checkpoint of step %d; stopping (rerun to resume)", step)
                 break
-        if step == tc.num_steps and not preemption.requested:
+        if step == tc.num_steps and not stop:
             sample_grid(step)
     finally:
         preemption.restore()
@@ -414,37 +444,62 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> training.TrainStat
     return state
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str) -> str | None:
-    """Draw ``config.sample.num_samples`` images from the latest checkpoint's EMA params with the
-    configured sampler and NFE; writes ``samples/<method>_nfe<N>.{npz,png}`` and returns the npz
-    path (on process 0)."""
-    config_utils.validate(config, jax.device_count(), jax.process_count())
-    workdir = config_utils.check_workdir(workdir)
+class Restored(NamedTuple):
+    """A checkpoint ready for sampling (see :func:`restore_ema`)."""
+
+    step: int
+    variables: Any  # the EMA parameters (Flax variables)
+    model: Any
+    process: Any
+    shape: tuple  # (H, W, C)
+    meta: dict
+
+
+def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: int = 0) -> Restored:
+    """The EMA parameters, model and process of checkpoint ``step`` (0 = the latest) of the run in
+    ``workdir``; raises FileNotFoundError when there is no such checkpoint and ValueError when
+    ``config``'s model fields differ from the checkpoint's."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoints in {ckpt_dir}: train first (--mode=train)")
     ckpt = checkpoint.Checkpointer(ckpt_dir, config.train.keep_checkpoints)
     try:
-        latest = ckpt.latest_step()
-        if latest is None:
+        steps = ckpt.all_steps()
+        if not steps:
             raise FileNotFoundError(f"no checkpoints in {ckpt_dir}: train first (--mode=train)")
-        arrays, meta = ckpt.restore_meta(latest)
+        if step and step not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {ckpt_dir}; available: {sorted(steps)}")
+        step = int(step or max(steps))
+        arrays, meta = ckpt.restore_meta(step)
         _check_same_model(config, meta, workdir)
         spec = arrays["spectrum"]
-        shape = spec.shape
+        shape = tuple(spec.shape)
         process = build_process(config, spec, shape)
         model = build_model(config)
         mesh = training.make_mesh()
         tx, _ = build_optimizer(config)
         fresh = abstract_train_state(model, tx, shape)
-        state, _, _, _ = ckpt.restore(latest, checkpoint.abstract_like(fresh, training.replicated(mesh)))
+        state, _, _, _ = ckpt.restore(step, checkpoint.abstract_like(fresh, training.replicated(mesh)))
     finally:
         ckpt.close()
+    return Restored(step, state.ema_params, model, process, shape, meta)
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+    """Draw ``config.sample.num_samples`` images from the latest checkpoint's EMA params with the
+    configured sampler and NFE; writes ``samples/<method>_nfe<N>.{npz,png}`` and returns the npz
+    path (on process 0). Task configs: see :func:`spd_jax.conditional.sample_task`."""
+    if conditional.task_of(config) is not None:
+        return conditional.sample_task(config, workdir)
+    config_utils.validate(config, jax.device_count(), jax.process_count())
+    workdir = config_utils.check_workdir(workdir)
+    restored = restore_ema(config, workdir)
+    latest, model, process, shape = restored.step, restored.model, restored.process, restored.shape
     settings = sampler_settings(config)
     batch = min(config.sample.batch_size, config.sample.num_samples)
     sampler = make_sampler(model, process, config.model.head, settings, batch, shape, config.train.fast_compile)
     key = jax.random.PRNGKey(config.sample.seed)
-    images, nfe = draw_samples(sampler, state.ema_params, key, config.sample.num_samples, batch)
+    images, nfe = draw_samples(sampler, restored.variables, key, config.sample.num_samples, batch)
     if jax.process_index() != 0:
         return None
     out_dir = os.path.join(workdir, "samples")

@@ -41,6 +41,9 @@ Randomness (SPEC §0): the noise of example i at step j is normal(fold_in(fold_i
 in pixel space, then transformed; the prior draw is ``process.prior_sample(key, shape, index)``;
 the latent key of example i at step j (``smd``) is fold_in(fold_in(key, i), LATENT_STEP_OFFSET + j).
 Pass ``index`` (global example indices) to split a batch into chunks with identical results.
+
+``project(x, t_next, key, step, index) -> x`` (optional, pixel space) is applied after every step,
+e.g. the known-pixel projection of inpainting (:func:`spd_jax.tasks.known_pixel_projection`).
 """
 
 from __future__ import annotations
@@ -499,11 +502,11 @@ class _JaxOps:
         return project
 
 
-_STATIC = ("denoiser", "projection", "method", "basis", "shape", "clip_x0", "c_correction", "noisy")
+_STATIC = ("denoiser", "projection", "method", "basis", "shape", "clip_x0", "c_correction", "noisy", "project")
 
 
 def _run(tables, process, key, x_init, index, *, denoiser, projection, method, basis, shape, clip_x0,
-         c_correction, noisy):
+         c_correction, noisy, project=None):
     if x_init is None:
         x_init = process.prior_sample(key, shape, index=index)
     u = spectral.to_spectral(x_init, basis)
@@ -524,7 +527,11 @@ def _run(tables, process, key, x_init, index, *, denoiser, projection, method, b
             noisy=noisy,
             smd=method == "smd",
         )
-        return update(state, c, ops), None
+        state = update(state, c, ops)
+        if project is not None:  # e.g. known pixels re-imposed at the new level t_next (pixel space)
+            x = project(spectral.from_spectral(state[0], basis), c["t_next"], key, c["step"], index)
+            state = (spectral.to_spectral(x, basis), state[1])
+        return state, None
 
     (u, _), _ = jax.lax.scan(body, (u, jnp.zeros_like(u)), tables)
     return spectral.from_spectral(u, basis)
@@ -567,6 +574,7 @@ def sample(
     x_T=None,
     grid=None,
     index=None,
+    project=None,
     **knobs,
 ) -> tuple[jax.Array, dict]:
     """Draw samples x (B, H, W, C), pixel space, with ``method`` over ``num_steps`` steps.
@@ -584,6 +592,8 @@ def sample(
         from ``process.prior_sample``).
       grid: a grid name (:data:`spd_jax.grids.GRIDS`) or an explicit array of t levels.
       index: global example indices (B,) of this batch (default arange(B)).
+      project: optional ``project(x, t_next, key, step, index) -> x`` applied in pixel space after
+        every step (t_next the level reached; 0 after the last step), e.g. a known-pixel projection.
 
     Returns:
       (x, info) with info = {"nfe", "aux_nfe", "grid" (float64 t levels), "method"}.
@@ -599,8 +609,11 @@ def sample(
     try:
         hash(denoiser)
         hash(projection)
+        hash(project)
     except TypeError as err:
-        raise ValueError("denoiser and projection must be hashable callables (functions or partials)") from err
+        raise ValueError("denoiser, projection and project must be hashable callables (functions or partials)") from err
+    if project is not None and not callable(project):
+        raise ValueError("project must be a function project(x, t_next, key, step, index) -> x")
     x = _run_jit(
         _device_tables(plan_),
         process,
@@ -615,6 +628,7 @@ def sample(
         clip_x0=clip_x0,
         c_correction=bool(knobs.get("c_correction", True)),
         noisy=plan_.noisy,
+        project=project,
     )
     info = {"nfe": plan_.nfe, "aux_nfe": plan_.aux_nfe, "grid": plan_.grid, "method": method}
     return x, info

@@ -37,6 +37,9 @@ def estimate(images, basis: str = "dft", per_channel: bool = True, batch_size: i
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[0] < 1:
         raise ValueError(f"images must have shape (N, H, W, C) with N >= 1; got {images.shape}")
+    if not np.all(np.isfinite(images)):
+        raise ValueError(f"images hold {int(np.size(images) - np.isfinite(images).sum())} non-finite values; "
+                         "a spectrum estimate needs finite images in model units [-1, 1]")
     lo, hi = float(np.min(images)), float(np.max(images))
     if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
         raise ValueError(

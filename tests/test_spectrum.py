@@ -49,5 +49,7 @@ def test_patch_spectrum_is_a_natural_image_spectrum():
 def test_estimate_rejects_data_outside_model_units():
     with pytest.raises(ValueError, match=r"model units \[-1, 1\] for a spectrum estimate; got range \[0, 255\]"):
         spectrum.estimate(np.array([0.0, 255.0]).reshape(1, 1, 2, 1) * np.ones((1, 2, 2, 1)))
+    with pytest.raises(ValueError, match="1 non-finite values"):
+        spectrum.estimate(np.array([0.0, np.nan, 0.5, -0.5]).reshape(1, 2, 2, 1))
     with pytest.raises(ValueError, match="c2 > 0"):
         spectrum.power_law((4, 4, 1), c2=0.0)

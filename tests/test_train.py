@@ -279,4 +279,4 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert step == 1 and data_state == {"next_index": 1}
     np.testing.assert_array_equal(state["w"], np.ones(3))
     assert any("checkpoint 2" in w for w in warnings) and any("step 1 instead" in w for w in warnings)
-    assert (tmp_path / "2").is_dir()
+    assert (tmp_path / "2.unreadable").is_dir() and not (tmp_path / "2").exists()  # moved aside, not deleted

@@ -1,0 +1,181 @@
+"""launch.py --mode=eval (spd_jax.eval_run) on a tiny digits checkpoint: report schema and files,
+checkpoint step and EMA stamped, bad settings rejected before anything is written, resume after an
+interruption; and benchmarks/nfe_table.py's table merge (fake reports) and CPU smoke run."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import nfe_table
+from spd_jax import eval_run, experiment
+from spd_jax.config_utils import ConfigError
+from tests.test_train import ROOT, tiny
+
+SETTINGS = "gradient_estimation:3,ddim:2"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("digits_run")
+    experiment.train(tiny("digits_spd", num_steps=2), str(workdir))
+    return workdir
+
+
+def _config(**eval_fields):
+    config = tiny("digits_spd", num_steps=2)
+    config.eval.update(settings=SETTINGS, num_samples=24, batch_size=12, grid_images=8, metrics="pixel_fd,swd")
+    config.eval.update(eval_fields)
+    return config
+
+
+def test_report_schema_files_and_stamps(run_dir):
+    report = eval_run.run(_config(metrics="", name="schema"), str(run_dir), verbose=False)
+    out = run_dir / "eval" / "schema"
+    assert report == json.loads((out / "report.json").read_text())
+    assert report["schema"] == "spd_jax.evaluate/1"
+    assert report["metrics"] == ["pixel_fd", "swd", "classifier_score", "classifier_confidence", "classifier_fd"]
+    assert report["protocol"]["weights"] == "ema" and report["protocol"]["num_samples"] == 24
+    assert report["protocol"]["reference"] == {"name": "digits/test", "num_images": 359}
+    described = report["description"]
+    assert described["checkpoint_step"] == 2 and described["params"] == "ema" and described["dataset"] == "digits"
+    assert described["process"] == "spd" and described["clip_x0"] is True
+    assert [(s["method"], s["nfe_requested"], s["nfe"]) for s in report["settings"]] == [
+        ("gradient_estimation", 3, 3), ("ddim", 2, 2)]
+    assert report["floor"]["name"] == "digits/train" and report["floor"]["num_images"] == 24
+    assert json.loads((out / "run.json").read_text())["checkpoint_step"] == 2
+    for name in [report["files"]["plot"], *report["files"]["grids"]]:
+        assert (out / name).stat().st_size > 0
+
+
+def test_default_folder_is_named_after_the_checkpoint_step(run_dir):
+    latest = eval_run.run(_config(settings="ddim:2", floor=False), str(run_dir), verbose=False)
+    earlier = eval_run.run(_config(settings="ddim:2", floor=False, checkpoint_step=1), str(run_dir), verbose=False)
+    assert latest["description"]["checkpoint_step"] == 2 and earlier["description"]["checkpoint_step"] == 1
+    assert latest["floor"] is None
+    assert (run_dir / "eval" / "step_2" / "report.json").exists() and (run_dir / "eval" / "step_1" / "report.json").exists()
+    assert latest["settings"][0]["metrics"] != earlier["settings"][0]["metrics"]  # other EMA params
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ("ddim", "entry 'ddim' is invalid: expected 'sampler:NFE'"),
+        ("ddim:0", "entry 'ddim:0' is invalid"),
+        ("ddim:5,dimm:5", "unknown sampler 'dimm' (did you mean 'ddim'?)"),
+        ("ddim:5, ddim:5", "lists 'ddim:5' twice"),
+        ("predict_project:1", "needs at least 2 NFE"),
+        ("ddm_bridge:5", "expected a method other than 'ddm_bridge' for the 'eps' head"),
+        (" , ", "is empty"),
+    ],
+)
+def test_bad_settings_entry_stops_before_anything_is_written(run_dir, settings, message):
+    with pytest.raises(ConfigError) as err:
+        eval_run.run(_config(settings=settings, name="bad"), str(run_dir), verbose=False)
+    assert message in str(err.value)
+    assert not (run_dir / "eval" / "bad").exists()
+
+
+def test_launch_eval_reports_a_bad_entry_without_traceback(run_dir):
+    cmd = [sys.executable, "launch.py", "--config=configs/digits_spd.py", f"--workdir={run_dir}", "--mode=eval",
+           "--config.eval.settings=gradient_estimation:10,ddim:x", "--config.eval.name=launch_bad"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode != 0
+    assert "config.eval.settings entry 'ddim:x' is invalid" in out.stderr and "Traceback" not in out.stderr
+    assert not (run_dir / "eval" / "launch_bad").exists()
+
+
+def test_interrupted_evaluation_resumes_without_recomputing(run_dir, monkeypatch):
+    real = eval_run.make_generate
+    calls = []
+
+    def counting(stop_at=None):
+        def make(config, restored, batch):
+            generate = real(config, restored, batch)
+
+            def wrapped(method, nfe, key, num, offset):
+                if (method, nfe) == stop_at:
+                    raise KeyboardInterrupt("simulated preemption")
+                calls.append((method, nfe, offset))
+                return generate(method, nfe, key, num, offset)
+
+            return wrapped
+
+        return make
+
+    monkeypatch.setattr(eval_run, "make_generate", counting(stop_at=("ddim", 2)))
+    with pytest.raises(KeyboardInterrupt):
+        eval_run.run(_config(name="resume"), str(run_dir), verbose=False)
+    assert calls == [("gradient_estimation", 3, 0)]
+    first = json.loads((run_dir / "eval" / "resume" / "settings" / "gradient_estimation_nfe003" / "result.json")
+                       .read_text())
+    calls.clear()
+    monkeypatch.setattr(eval_run, "make_generate", counting())
+    report = eval_run.run(_config(name="resume"), str(run_dir), verbose=False)
+    assert calls == [("ddim", 2, 0)]
+    assert report["settings"][0]["metrics"] == first["metrics"]
+    with pytest.raises(ConfigError, match="holds an evaluation with different"):
+        changed = _config(name="resume")
+        changed.sample.clip_x0 = False
+        eval_run.run(changed, str(run_dir), verbose=False)
+
+
+def test_missing_checkpoint_step_is_named(run_dir):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 7 .* available: \[1, 2\]"):
+        eval_run.run(_config(checkpoint_step=7, name="missing"), str(run_dir), verbose=False)
+
+
+def test_fid_needs_the_protocol_sample_count():
+    config = _config(metrics="fid")
+    with pytest.raises(ConfigError, match="FID/KID need 50000 samples by protocol"):
+        eval_run.check(config)
+
+
+def _fake_result(directory, method, nfe, value):
+    directory.mkdir(parents=True)
+    result = {"method": method, "nfe_requested": nfe, "nfe": nfe, "aux_nfe": 0, "sample_seconds": 0.5,
+              "num_samples": 100, "metrics": {"pixel_fd": value, "swd": 2 * value}}
+    (directory / "result.json").write_text(json.dumps(result))
+
+
+def test_nfe_table_merges_finished_settings(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    name = nfe_table.eval_name(100)
+    for process, offset in (("spd", 0.0), ("vp_linear", 1.0)):
+        base = work / f"digits_{process}" / "eval" / name
+        for method in ("gradient_estimation", "ddim"):
+            for nfe in (5, 10):
+                _fake_result(base / "settings" / f"{method}_nfe{nfe:03d}", method, nfe, offset + 10.0 / nfe)
+        (base / "run.json").write_text(json.dumps({"checkpoint_step": 300}))
+    (work / "digits_blurring" / "eval" / name / "settings").mkdir(parents=True)  # started, nothing finished
+    nfe_table.floor_path(work, "digits", 100).write_text(json.dumps({"metrics": {"pixel_fd": 0.5, "swd": 1.0},
+                                                                     "images": "digits/train (100 of 1438)"}))
+    rows = nfe_table.merge(work, out, ["digits"], 100, nfes=(5, 10), verbose=False)
+    assert [(r["process"], r["sampler"], r["nfe"]) for r in rows][:4] == [
+        ("spd", "gradient_estimation", 5), ("spd", "gradient_estimation", 10), ("spd", "ddim", 5), ("spd", "ddim", 10)]
+    assert len(rows) == 8
+    with open(out / "nfe_table.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 9 and table[-1]["process"] == "floor (train vs test)" and table[0]["train_steps"] == "300"
+    text = (out / "nfe_table.md").read_text()
+    assert "**pixel_fd** (lower is better; floor (train vs test) 0.500)" in text
+    assert "| process | sampler | NFE 5 | NFE 10 |" in text
+    assert "| spd | gradient_estimation | **2.00** | **1.00** |" in text
+    assert "| vp_linear | ddim | 3.00 | 2.00 |" in text
+    assert (out / "nfe_table_digits.png").stat().st_size > 0
+
+
+def test_nfe_table_smoke_run_on_cpu(tmp_path, capsys):
+    argv = ["--dataset=digits", "--processes=spd", "--samplers=ddim", "--nfes=5", "--smoke", "--jobs=1",
+            f"--workdir={tmp_path / 'work'}", f"--out={tmp_path / 'out'}"]
+    assert nfe_table.main(argv) == 0
+    table = list(csv.DictReader(open(tmp_path / "out" / "nfe_table.csv")))
+    assert [(r["process"], r["sampler"], r["nfe"]) for r in table[:1]] == [("spd", "ddim", "5")]
+    assert "floor" in table[-1]["process"]
+    assert json.loads((tmp_path / "work" / "digits_spd" / nfe_table.WORKER_FILE).read_text())["trained_now"]
+    assert nfe_table.main(argv) == 0  # finished: training and evaluation are skipped
+    assert "training finished earlier (4 steps), skipped" in capsys.readouterr().out
