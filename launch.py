@@ -51,6 +51,14 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     if _MODE.value == "train":
         experiment.train(config, _WORKDIR.value)
+    elif _MODE.value == "eval" and config.task.name:
+        from spd_jax import conditional
+
+        conditional._parse_settings(config, config.eval.settings)  # bad entries stop before anything is restored
+        report = conditional.evaluate_task(config, _WORKDIR.value, config.eval.settings, config.eval.num_samples)
+        print(f"task eval report: {os.path.join(_WORKDIR.value, 'task_eval', 'report.json')}")
+        for row in report.get("settings", []):
+            print({k: row[k] for k in ("method", "nfe", "psnr", "ssim") if k in row})
     elif _MODE.value == "eval":
         from spd_jax import eval_run
 

@@ -466,12 +466,27 @@ def _parse_settings(config, settings) -> list[tuple[str, int]]:
     out = []
     for s in settings:
         if isinstance(s, str):
-            method, nfe = s.rsplit(":", 1)
+            if s.count(":") != 1 or not s.split(":")[1].strip().isdigit():
+                from spd_jax import config_utils
+
+                raise config_utils.ConfigError(f"setting {s!r} is invalid: expected 'method:NFE' with an integer "
+                                               "NFE >= 1, e.g. 'ddm_bridge:5'")
+            method, nfe = s.split(":")
         elif isinstance(s, dict):
             method, nfe = s["method"], s["nfe"]
         else:
             method, nfe = s
-        out.append((samplers._check_method(str(method)), int(nfe)))
+        if int(nfe) < 1:
+            from spd_jax import config_utils
+
+            raise config_utils.ConfigError(f"setting {method}:{nfe} is invalid: NFE must be >= 1")
+        try:
+            method = samplers._check_method(str(method).strip())
+        except ValueError as err:
+            from spd_jax import config_utils
+
+            raise config_utils.ConfigError(str(err)) from None
+        out.append((method, int(nfe)))
     return out
 
 

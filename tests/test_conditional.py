@@ -264,6 +264,22 @@ def test_launch_stops_on_a_bad_task_value_before_writing(tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("settings, message", [("ddm_bridge", "expected 'method:NFE'"),
+                                               ("ddm_bridge:0", "NFE must be >= 1"),
+                                               ("ddm_brige:5", "did you mean 'ddm_bridge'")])
+def test_task_eval_mode_stops_on_a_bad_setting_before_restoring(tmp_path, settings, message):
+    """--mode=eval of a task config checks its settings first (the workdir has no checkpoint at all)."""
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "launch.py", "--config=configs/patches_sr4.py", f"--workdir={workdir}", "--mode=eval",
+           f"--config.eval.settings={settings}"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "task_eval").exists()
+
+
 def test_task_table_smoke_run_writes_reports_and_merges(tmp_path):
     sys.path.insert(0, ROOT)
     from benchmarks import task_table
