@@ -174,17 +174,12 @@ def sampler_settings(config, method: str | None = None, nfe: int | None = None) 
     return dict(method=method, num_steps=num_steps, grid=grid, clip_x0=bool(s.clip_x0), **knobs)
 
 
-def build_denoiser(model, variables, process, head: str):
-    """The sampler-facing denoiser of a trained model (SMD models draw eta per example)."""
-    return model_denoiser(model, variables, process, head)
-
-
 def make_sampler(model, process, head: str, settings: dict, batch: int, shape: tuple,
                  fast_compile: bool = False) -> Callable:
     """jitted ``draw(variables, key, index) -> (images (batch, H, W, C), nfe)``."""
 
     def draw(variables, key, index):
-        denoiser = build_denoiser(model, variables, process, head)
+        denoiser = model_denoiser(model, variables, process, head)  # SMD: eta drawn per example
         x, info = samplers.sample(denoiser, process, key=key, shape=(batch,) + tuple(shape), index=index,
                                   **settings)
         return x, info["nfe"]
