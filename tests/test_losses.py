@@ -14,6 +14,7 @@ import pytest
 from spd_jax import losses, processes, spectral
 from spd_jax.models import UNet, model_projection, smd_net
 from spd_jax.parameterization import Prediction
+from tests.test_models import random_variables
 
 # tests compile many small programs: skip LLVM optimisation (same numerics, 2-4x faster compiles)
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -32,21 +33,6 @@ def tiny_batch(seed=0, size=8):
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(-1, 1, (size, 4, 4, 1))
     return {"image": jnp.asarray(np.repeat(np.repeat(coarse, 2, axis=1), 2, axis=2), jnp.float32)}
-
-
-def random_variables(model, seed, *args):
-    """Variables filled from NumPy (no XLA compile of the initialisers): kernels N(0, 1/fan_in)."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        noise = rng.standard_normal(leaf.shape).astype(np.float32)
-        name = path[-1].key
-        if name == "kernel":
-            return jnp.asarray(noise / np.sqrt(np.prod(leaf.shape[:-1])))
-        return jnp.asarray(1.0 + 0.1 * noise if name == "scale" else 0.1 * noise)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def fit(loss_fn, variables, batch, steps=30, lr=3e-3):
