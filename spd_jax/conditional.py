@@ -414,6 +414,9 @@ def _metrics(references: np.ndarray, estimates: np.ndarray) -> dict:
     n = len(p)
     return {
         "psnr": float(p.mean()), "psnr_sem": float(p.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+        # the mean is dominated by near-flat images (PSNR >> 50 dB): also the median, and the PSNR of
+        # the mean squared error over the set (10 log10(range^2 / mean MSE))
+        "psnr_median": float(np.median(p)), "psnr_of_mean_mse": float(-10.0 * np.log10(np.mean(10.0 ** (-p / 10.0)))),
         "ssim": float(s.mean()), "ssim_sem": float(s.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
     }
 

@@ -303,3 +303,17 @@ def test_a_checkpoint_of_another_task_is_refused(trained):
     _, workdir, _ = trained["patches_sr4"]
     with pytest.raises(config_utils.ConfigError, match="config.task.name = 'inpaint' differs from the checkpoint's 'sr'"):
         experiment.sample(tiny("patches_inpaint"), workdir)
+
+
+def test_psnr_summaries_are_not_dominated_by_near_flat_images():
+    """One almost perfectly restored image (PSNR ~ 100 dB) drags the mean far up; the median and
+    the PSNR of the mean squared error stay near the typical image."""
+    rng = np.random.default_rng(0)
+    refs = rng.uniform(-0.5, 0.5, (5, 8, 8, 1))
+    est = refs + 0.1 * rng.standard_normal(refs.shape)
+    est[0] = refs[0] + 1e-5
+    m = conditional._metrics(refs, est)
+    typical = -10 * np.log10(np.mean((est[1:] - refs[1:]) ** 2) / 4.0)
+    assert m["psnr"] > typical + 10
+    assert abs(m["psnr_median"] - typical) < 2
+    assert abs(m["psnr_of_mean_mse"] - (typical + 10 * np.log10(5 / 4))) < 0.5
