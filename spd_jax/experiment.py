@@ -227,15 +227,55 @@ def write_png(path: str, images: np.ndarray, upscale: int = 1) -> None:
 # ---- logging ----------------------------------------------------------------------------------
 
 
-class MetricsWriter:
-    """Appends scalars to ``metrics.jsonl`` and a TensorBoard event file (no TensorFlow needed)."""
+def drop_rows_after(path: str, step: int) -> int:
+    """Keep only the complete rows of the JSONL file ``path`` with ``"step" <= step`` (a resumed
+    run redoes the later ones); rewritten atomically, untouched when nothing is dropped. Returns
+    the number of rows dropped (a line cut off by a kill counts as one)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        blob = f.read()
+    kept, dropped = [], 0
+    for line in blob.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            keep = isinstance(row, dict) and int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    text = b"".join(line + b"\n" for line in kept)
+    if dropped or text != blob:
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return dropped
 
-    def __init__(self, workdir: str):
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self._events = EventWriter(workdir)
+
+class MetricsWriter:
+    """Appends scalars to ``metrics.jsonl`` and a TensorBoard event file (no TensorFlow needed).
+
+    ``start_step`` is the step training (re)starts from: rows logged after it by an earlier,
+    killed run are removed from ``metrics.jsonl`` and purged in TensorBoard, so every step appears
+    once. Each row carries the Unix ``wall_time`` at which it was written.
+    """
+
+    def __init__(self, workdir: str, start_step: int = 0):
+        path = os.path.join(workdir, "metrics.jsonl")
+        dropped = drop_rows_after(path, start_step)
+        if dropped:
+            logging.warning("metrics.jsonl: dropped %d row(s) after step %d (redone from the checkpoint)", dropped,
+                            start_step)
+        self._jsonl = open(path, "a")
+        self._events = EventWriter(workdir, purge_step=start_step + 1)
 
     def write(self, step: int, scalars: dict) -> None:
-        row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        row = {"step": int(step), "wall_time": round(time.time(), 3), **{k: float(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
         self._events.scalars(int(step), {f"train/{k}": float(v) for k, v in scalars.items()})
@@ -379,13 +419,32 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> training.TrainStat
             os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
             write_png(os.path.join(workdir, "samples", f"step_{at:07d}.png"), images, config.sample.upscale)
 
-    writer = MetricsWriter(workdir) if is_main else None
+    writer = MetricsWriter(workdir, step) if is_main else None
     bar = _progress(tc.num_steps, step, is_main)
     preemption = _Preemption()
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, 0))
     term_at = int(os.environ.get(TERM_AT_STEP_ENV, 0))
     last_log, last_time = step, time.perf_counter()
     stop = False
+    # The non-finite streak of a dispatch is read after the next one is dispatched (by then it is
+    # ready, and the device already has the next step to run while the host prepares the batch
+    # after it), and always before a checkpoint, a log row or a sample grid, which wait for the
+    # device anyway; so no checkpoint is written past a streak that should have stopped the run.
+    unread: list = []  # [(step, streak array)] of the newest dispatch, not yet checked
+
+    def check_streak() -> None:
+        if not unread:
+            return
+        at, value = unread.pop()
+        streak = int(value)
+        if streak >= tc.max_nonfinite_streak:
+            last = ckpt.latest_step()  # skipped updates leave params unchanged: every checkpoint is good
+            kept = f"the last good checkpoint, step {last}, is kept" if last is not None else "no checkpoint yet"
+            raise FloatingPointError(
+                f"{streak} non-finite updates in a row up to step {at} (config.train.max_nonfinite_streak = "
+                f"{tc.max_nonfinite_streak}): stopping; {kept}"
+            )
+
     try:
         while step < tc.num_steps:
             k = min(tc.steps_per_dispatch, tc.num_steps - step)
@@ -393,15 +452,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> training.TrainStat
             stacked = jax.tree.map(lambda *xs: np.stack(xs), *local)
             state, metrics = step_fn(state, training.global_batch(stacked, mesh))
             before, step = step, step + k
-            streak = int(metrics["nonfinite_streak"])
-            if streak >= tc.max_nonfinite_streak:
-                last = ckpt.latest_step()  # skipped updates leave params unchanged: every checkpoint is good
-                kept = f"the last good checkpoint, step {last}, is kept" if last is not None else "no checkpoint yet"
-                raise FloatingPointError(
-                    f"{streak} non-finite updates in a row up to step {step} (config.train.max_nonfinite_streak = "
-                    f"{tc.max_nonfinite_streak}): stopping; {kept}"
-                )
-            if _crossed(before, step, tc.log_every) or step == tc.num_steps:
+            check_streak()  # the previous dispatch's
+            unread.append((step, metrics["nonfinite_streak"]))
+            logs = _crossed(before, step, tc.log_every) or step == tc.num_steps
+            if logs or _crossed(before, step, tc.checkpoint_every) or _crossed(before, step, tc.sample_every):
+                check_streak()
+            if logs:
                 values = {k_: float(v) for k_, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 values["steps_per_sec"] = (step - last_log) / (now - last_time)
@@ -419,6 +475,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> training.TrainStat
 
                 stop = bool(np.any(multihost_utils.process_allgather(np.int32(stop))))
             if _crossed(before, step, tc.checkpoint_every) or step == tc.num_steps or stop:
+                check_streak()
                 save(step)
             if _crossed(before, step, tc.sample_every) and step < tc.num_steps:
                 sample_grid(step)

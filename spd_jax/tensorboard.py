@@ -1,7 +1,8 @@
 """A minimal TensorBoard scalar writer that needs neither TensorFlow nor tensorboardX.
 
 Event files are TFRecord streams of ``Event`` protocol buffers; the few fields used here
-(wall_time, step, file_version, summary.value{tag, simple_value}) are encoded by hand.
+(wall_time, step, file_version, summary.value{tag, simple_value}, session_log.status) are encoded
+by hand.
 """
 
 from __future__ import annotations
@@ -58,11 +59,20 @@ def _length_delimited(number: int, payload: bytes) -> bytes:
     return _field(number, 2, _varint(len(payload)) + payload)
 
 
-def encode_event(wall_time: float, step: int, scalars: dict | None = None, file_version: str | None = None) -> bytes:
-    """Serialised ``Event`` proto with ``scalars`` (tag -> float) as a summary."""
+#: ``SessionLog.START``: TensorBoard drops the events of every earlier file whose step is >= this
+#: event's step (what a restarted run writes so that the steps it redoes are not shown twice).
+SESSION_START = 1
+
+
+def encode_event(wall_time: float, step: int, scalars: dict | None = None, file_version: str | None = None,
+                 session_status: int | None = None) -> bytes:
+    """Serialised ``Event`` proto with ``scalars`` (tag -> float) as a summary, or a file version,
+    or a ``SessionLog`` status."""
     out = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(int(step)))
     if file_version is not None:
         out += _length_delimited(3, file_version.encode())
+    if session_status is not None:
+        out += _length_delimited(7, _field(1, 0, _varint(session_status)))
     if scalars:
         values = b"".join(
             _length_delimited(1, _length_delimited(1, tag.encode()) + _field(2, 5, struct.pack("<f", value)))
@@ -79,14 +89,21 @@ def frame(record: bytes) -> bytes:
 
 
 class EventWriter:
-    """Writes ``events.out.tfevents.<time>.<host>`` in ``logdir``; one record per call."""
+    """Writes ``events.out.tfevents.<time>.<host>`` in ``logdir``; one record per call.
 
-    def __init__(self, logdir: str):
+    ``purge_step``: a run resumed from a checkpoint passes the first step it will redo; a
+    ``SessionLog.START`` event at that step makes TensorBoard discard what earlier files logged
+    from there on (the steps lost when the previous run was killed).
+    """
+
+    def __init__(self, logdir: str, purge_step: int | None = None):
         os.makedirs(logdir, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
         self.path = os.path.join(logdir, name)
         self._file = open(self.path, "ab")
         self._file.write(frame(encode_event(time.time(), 0, file_version="brain.Event:2")))
+        if purge_step is not None:
+            self._file.write(frame(encode_event(time.time(), purge_step, session_status=SESSION_START)))
         self._file.flush()
 
     def scalars(self, step: int, values: dict) -> None:

@@ -317,3 +317,22 @@ def test_psnr_summaries_are_not_dominated_by_near_flat_images():
     assert m["psnr"] > typical + 10
     assert abs(m["psnr_median"] - typical) < 2
     assert abs(m["psnr_of_mean_mse"] - (typical + 10 * np.log10(5 / 4))) < 0.5
+
+
+def test_an_smd_model_trains_and_samples_a_task_with_its_conditioning(tmp_path):
+    # SMD (latent + hypernetworks) with inpainting: the backbone takes the conditioning channels,
+    # the smd sampler keeps the known pixels exactly, and the task evaluation runs it
+    config = tiny("patches_inpaint")
+    config.model.kind, config.sample.method, config.sample.grid_images = "smd", "smd", 0
+    state = experiment.train(config, str(tmp_path))
+    assert int(state.step) == 1 and int(state.skipped) == 0
+    kernels = [np.shape(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]
+               if path[-1].key == "kernel" and np.ndim(leaf) == 4]
+    assert any(k[2] == 1 + conditional.cond_channels(config) for k in kernels), kernels
+    out = np.load(experiment.sample(config, str(tmp_path)))
+    known = np.broadcast_to(out["mask"] > 0.5, out["references"].shape)
+    np.testing.assert_array_equal(out["outputs"][known], out["references"][known])
+    assert not np.array_equal(out["outputs"], out["references"])  # the holes were generated
+    report = conditional.evaluate_task(config, str(tmp_path), [("smd", 2)], 6)
+    assert [(r["method"], r["nfe"]) for r in report["settings"]] == [("smd", 2)]
+    assert np.isfinite(report["settings"][0]["psnr"])

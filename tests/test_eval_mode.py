@@ -179,3 +179,46 @@ def test_nfe_table_smoke_run_on_cpu(tmp_path, capsys):
     assert json.loads((tmp_path / "work" / "digits_spd" / nfe_table.WORKER_FILE).read_text())["trained_now"]
     assert nfe_table.main(argv) == 0  # finished: training and evaluation are skipped
     assert "training finished earlier (4 steps), skipped" in capsys.readouterr().out
+
+
+_FAKE_WORKER = """
+import os, sys, time
+log, fail_dir, tag = sys.argv[1], sys.argv[2], sys.argv[3]
+fraction = os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]
+with open(log, "a") as f:
+    f.write(f"start {tag} {fraction} {os.environ['XLA_PYTHON_CLIENT_PREALLOCATE']}\\n")
+time.sleep(0.3)
+flag = os.path.join(fail_dir, tag.replace("/", "_"))
+failing = os.path.exists(flag + ".always") or os.path.exists(flag + ".once")
+if os.path.exists(flag + ".once"):
+    os.remove(flag + ".once")
+with open(log, "a") as f:
+    f.write(f"end {tag}\\n")
+sys.exit(3 if failing else 0)
+"""
+
+
+@pytest.mark.parametrize("mode", ["once", "always"])
+def test_nfe_table_reruns_a_failed_worker_alone_with_the_whole_memory_share(tmp_path, monkeypatch, mode):
+    # the GPU path (worker processes sharing one device) with fake workers: the one that fails (as
+    # an out-of-memory run would) is started again after the others ended, alone, with the larger
+    # memory cap; a worker that fails twice is reported, the others are not
+    log, fail_dir = tmp_path / "log.txt", tmp_path / "fail"
+    fail_dir.mkdir()
+    (fail_dir / f"digits_vp_linear.{mode}").write_text("")
+    monkeypatch.setattr(nfe_table, "_worker_command", lambda dataset, process, argv: [
+        sys.executable, "-c", _FAKE_WORKER, str(log), str(fail_dir), f"{dataset}/{process}"])
+    monkeypatch.setattr(nfe_table, "_floor", lambda args, dataset: None)
+    argv = ["--dataset=digits", "--processes=spd,vp_linear", "--smoke", "--jobs=0",
+            f"--workdir={tmp_path / 'work'}", f"--out={tmp_path / 'out'}"]
+    args = nfe_table.parse_args(argv)
+    args.worker_platforms = None
+    failed = nfe_table.run_parallel([("digits", "spd"), ("digits", "vp_linear")], args, argv)
+    lines = log.read_text().splitlines()
+    starts = [line.split() for line in lines if line.startswith("start")]
+    assert sorted(s[1] for s in starts[:2]) == ["digits/spd", "digits/vp_linear"]
+    assert all(s[2] == "0.450" and s[3] == "false" for s in starts[:2])  # 0.9 / 2 workers, no preallocation
+    assert starts[2][1:] == ["digits/vp_linear", "0.750", "false"] and len(starts) == 3
+    assert lines.index("start digits/vp_linear 0.750 false") > lines.index("end digits/spd")  # alone
+    assert failed == ([] if mode == "once" else ["digits/vp_linear"])
+    assert (tmp_path / "out" / "nfe_table.md").read_text() == "(no finished settings yet)\n"

@@ -1,10 +1,12 @@
 """Reliability (issue 7): SIGKILL / SIGTERM at random points and exact resume, corrupted and
 half-written checkpoints, non-finite updates, and bad input stopped before anything runs."""
 
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -40,14 +42,20 @@ def _steps(workdir) -> list[int]:
     return sorted(int(n) for n in names if n.isdigit())
 
 
-def _new_rows(metrics, offset: int) -> list[int]:
-    """Steps of the complete metrics.jsonl lines written after byte ``offset``."""
+def _rows(metrics, since: float = 0.0) -> list[dict]:
+    """The complete metrics.jsonl rows written at or after the Unix time ``since``."""
     if not metrics.exists():
         return []
     with open(metrics, "rb") as f:
-        f.seek(offset)
         lines = f.read().split(b"\n")[:-1]  # the last piece is an unfinished line (or empty)
-    return [int(line.split(b'"step": ')[1].split(b",")[0]) for line in lines if b'"step": ' in line]
+    rows = [json.loads(line) for line in lines]
+    return [row for row in rows if row["wall_time"] >= since]
+
+
+def _new_rows(metrics, since: float) -> list[int]:
+    """Steps of the complete metrics.jsonl rows written since ``since`` (the resumed run first
+    drops the rows of the steps it redoes, so rows are told apart by time, not file offset)."""
+    return [row["step"] for row in _rows(metrics, since)]
 
 
 def _interrupt(workdir, sig: int, rng, after_new_checkpoint: bool, cache: str):
@@ -55,7 +63,7 @@ def _interrupt(workdir, sig: int, rng, after_new_checkpoint: bool, cache: str):
     with ``after_new_checkpoint``, finished writing a new checkpoint), after 0-2 more steps and a
     random 0-40 ms. Returns (return code, steps it logged, stderr)."""
     metrics = workdir / "metrics.jsonl"
-    offset = metrics.stat().st_size if metrics.exists() else 0
+    offset = time.time()
     before = max(_steps(workdir), default=0)
     code = f"""
         import sys
@@ -152,10 +160,67 @@ def test_sigkill_and_sigterm_at_random_points_then_a_corrupted_checkpoint_resume
     assert aside.is_dir() and _file_count(aside) == files  # moved aside, nothing deleted
     assert newest in _steps(workdir) and newest % 3 == 0  # the regular step was written again after the fallback
     assert int(resumed.step) == CHAIN_STEPS and int(resumed.skipped) == 0
+    # the log holds every step once, in order, with the uninterrupted run's values (lost steps dropped)
+    logged, reference_rows = _rows(workdir / "metrics.jsonl"), _rows(tmp_path / "straight" / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [r["step"] for r in reference_rows] == list(range(1, CHAIN_STEPS + 1))
+    assert [r["loss"] for r in logged] == [r["loss"] for r in reference_rows]
     leaves = jax.tree.leaves(resumed)
     assert len(leaves) == len(straight.files) > 10
     for i, leaf in enumerate(leaves):
         np.testing.assert_array_equal(straight[f"arr_{i}"], np.asarray(leaf))
+
+
+_TWO_PROCESS_RUN = """
+import sys
+import jax
+import numpy as np
+port, index, workdir, out = sys.argv[1:5]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(index))
+sys.path.insert(0, {root!r})
+from tests.test_train import tiny
+from spd_jax import experiment
+config = tiny("digits_spd", num_steps=8, checkpoint_every=100)
+config.sample.grid_images = 0
+state = experiment.train(config, workdir)
+np.savez(out, np.asarray(state.step), *[np.asarray(x) for x in jax.tree.leaves(state.params)])
+"""
+
+
+def _two_processes(workdir, out, term_process: int | None, term_step: int) -> list[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = _TWO_PROCESS_RUN.replace("{root!r}", repr(ROOT))
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+        env.pop(experiment.TERM_AT_STEP_ENV, None)
+        if i == term_process:
+            env[experiment.TERM_AT_STEP_ENV] = str(term_step)
+        procs.append(subprocess.Popen([sys.executable, "-c", code, str(port), str(i), str(workdir), f"{out}{i}.npz"],
+                                      env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+    for p, err in zip(procs, errs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return errs
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step_and_both_resume(tmp_path):
+    """Multi-process preemption: only process 1 gets SIGTERM (at step 3); the flag is all-gathered,
+    so both processes save step 3 and exit 0; a restart of both resumes there and ends with
+    identical params on both processes."""
+    workdir = tmp_path / "run"
+    errs = _two_processes(workdir, tmp_path / "stopped", term_process=1, term_step=3)
+    assert "SIGTERM: wrote the checkpoint of step 3" in errs[0] + errs[1]
+    assert _steps(workdir) == [3]
+    stopped = [np.load(tmp_path / f"stopped{i}.npz") for i in range(2)]
+    assert int(stopped[0]["arr_0"]) == int(stopped[1]["arr_0"]) == 3  # process 0 stopped too, at the same step
+    _two_processes(workdir, tmp_path / "final", term_process=None, term_step=0)
+    final = [np.load(tmp_path / f"final{i}.npz") for i in range(2)]
+    assert int(final[0]["arr_0"]) == 8 and _steps(workdir)[-1] == 8
+    for name in final[0].files:
+        np.testing.assert_array_equal(final[0][name], final[1][name])
+    assert any(not np.array_equal(final[0][n], stopped[0][n]) for n in final[0].files[1:])  # it trained on
 
 
 # ---- corrupted and half-written checkpoints (no training) ---------------------------------------
@@ -291,6 +356,18 @@ def test_nonfinite_streak_stops_naming_the_step_keeps_the_checkpoint_and_launch_
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the skipped update changed nothing
         assert np.all(np.isfinite(np.asarray(b)))
+
+
+def test_nonfinite_streak_read_one_dispatch_late_still_names_its_step_and_saves_nothing_after_it(tmp_path):
+    """The streak is read after the next dispatch (no host sync per step): with checkpoints every
+    4 steps and no log rows before the end, the streak of 2 reached at step 3 still stops the run
+    with step 3 named, before the checkpoint of step 4 is written."""
+    config = tiny("digits_spd", num_steps=8, checkpoint_every=4, log_every=100, max_nonfinite_streak=2)
+    config.sample.grid_images = 0
+    config.optim.learning_rate = 1e30
+    with pytest.raises(FloatingPointError, match=r"^2 non-finite updates in a row up to step 3 .*no checkpoint yet"):
+        experiment.train(config, str(tmp_path))
+    assert _steps(tmp_path) == []
 
 
 # ---- bad input: a clear error before anything compiles or is written ------------------------------

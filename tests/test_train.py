@@ -161,11 +161,8 @@ def test_sample_mode_writes_npz_and_png_with_another_sampler(tmp_path):
     assert out["images"].shape == (6, 8, 8, 1) and int(out["nfe"]) == 2 and int(out["step"]) == 1
 
 
-def test_event_file_records_are_framed_and_checksummed(tmp_path):
-    writer = tensorboard.EventWriter(str(tmp_path))
-    writer.scalars(3, {"train/loss": 0.5})
-    writer.close()
-    blob = open(writer.path, "rb").read()
+def _event_records(path) -> list[bytes]:
+    blob = open(path, "rb").read()
     records = []
     while blob:
         length = int.from_bytes(blob[:8], "little")
@@ -174,8 +171,40 @@ def test_event_file_records_are_framed_and_checksummed(tmp_path):
         assert int.from_bytes(blob[12 + length : 16 + length], "little") == tensorboard._masked_crc(record)
         records.append(record)
         blob = blob[16 + length :]
+    return records
+
+
+def test_event_file_records_are_framed_and_checksummed(tmp_path):
+    writer = tensorboard.EventWriter(str(tmp_path))
+    writer.scalars(3, {"train/loss": 0.5})
+    writer.close()
+    records = _event_records(writer.path)
     assert len(records) == 2 and b"brain.Event:2" in records[0]
     assert b"train/loss" in records[1] and np.float32(0.5).tobytes() in records[1]
+
+
+def test_a_resumed_event_file_starts_with_a_session_start_at_the_first_redone_step(tmp_path):
+    # TensorBoard drops earlier files' events at steps >= a SessionLog.START's step
+    writer = tensorboard.EventWriter(str(tmp_path), purge_step=300)
+    writer.close()
+    records = _event_records(writer.path)
+    # Event: field 2 (step, varint 300 = ac 02), field 7 (session_log) holding field 1 (status) = 1 (START)
+    assert len(records) == 2 and records[1][9:] == b"\x10\xac\x02" + b"\x3a\x02\x08\x01"
+
+
+def test_resuming_drops_the_metrics_rows_of_lost_steps_and_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (10, 20, 30, 40)]
+    path.write_text("\n".join(rows) + "\n" + rows[0][:7])  # killed mid-write
+    assert experiment.drop_rows_after(str(path), 20) == 3
+    assert path.read_text() == rows[0] + "\n" + rows[1] + "\n"
+    before = path.stat().st_mtime_ns
+    assert experiment.drop_rows_after(str(path), 20) == 0 and path.stat().st_mtime_ns == before  # untouched
+    writer = experiment.MetricsWriter(str(tmp_path), start_step=10)
+    writer.write(20, {"loss": 0.25})
+    writer.close()
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+    assert steps == [10, 20] and json.loads(path.read_text().splitlines()[-1])["loss"] == 0.25
 
 
 def _run(code: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
