@@ -20,9 +20,9 @@ and of the training split) go through both pipelines:
 Printed and written (``parity.json``, ``parity.md``): the relative feature error per image
 (||f_jax - f_torch|| / ||f_torch||, median and max), the largest absolute feature difference
 against the feature scale, the float32 noise level (pytorch-fid's network and spd_jax's features,
-each against the same network run in float64, on 50 test images), and the FID of test vs train from pytorch-fid, from spd_jax, and from
-spd_jax's Fréchet distance on pytorch-fid's features (which separates the network from the matrix
-square root).
+each against the same network run in float64, on 50 test images), and the FID of test vs train
+from pytorch-fid, from spd_jax, and from spd_jax's Fréchet distance on pytorch-fid's features
+(which separates the network from the matrix square root).
 
 Weights: ``--weights`` takes the pytorch-fid release file. Without it (the file cannot be
 downloaded on machines without internet) a stand-in state dict is used: pytorch-fid's own network
@@ -76,11 +76,12 @@ def build_torch_model(weights: str | None, calibration: np.ndarray, seed: int):
         loader = lambda *args, **kwargs: state  # noqa: E731
     else:
         loader = lambda *args, **kwargs: built[-1].state_dict()  # noqa: E731
+    original_loader = fid_inception.load_state_dict_from_url
     fid_inception._inception_v3, fid_inception.load_state_dict_from_url = capture, loader
     try:
         model = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
     finally:
-        fid_inception._inception_v3 = original
+        fid_inception._inception_v3, fid_inception.load_state_dict_from_url = original, original_loader
     network = built[-1]
     if weights is None:
         norms = [m for m in network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
