@@ -454,10 +454,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> training.TrainStat
             before, step = step, step + k
             check_streak()  # the previous dispatch's
             unread.append((step, metrics["nonfinite_streak"]))
-            logs = _crossed(before, step, tc.log_every) or step == tc.num_steps
-            if logs or _crossed(before, step, tc.checkpoint_every) or _crossed(before, step, tc.sample_every):
+            if _crossed(before, step, tc.log_every) or step == tc.num_steps:
                 check_streak()
-            if logs:
                 values = {k_: float(v) for k_, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 values["steps_per_sec"] = (step - last_log) / (now - last_time)
@@ -478,6 +476,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> training.TrainStat
                 check_streak()
                 save(step)
             if _crossed(before, step, tc.sample_every) and step < tc.num_steps:
+                check_streak()
                 sample_grid(step)
             if kill_at and step >= kill_at:
                 ckpt.wait()
