@@ -1,13 +1,16 @@
 """spd_jax launcher.
 
-    python launch.py --config=configs/digits_spd.py --workdir=DIR [--mode=train|sample|eval] [--config.a.b=value]
+    python launch.py --config=configs/digits_spd.py --workdir=DIR [--mode=train|sample|eval|tune] [--config.a.b=value]
 
 Training configs (``job = "train"``) train or resume the run in DIR (``--mode=train``), draw
 samples from its latest checkpoint's EMA parameters (``--mode=sample``, with any sampler and NFE,
 e.g. ``--config.sample.method=ddim --config.sample.nfe=50``), or score the EMA samples of a list of
 (sampler, NFE) settings against the held-out split (``--mode=eval``, e.g.
 ``--config.eval.settings=gradient_estimation:10,ddim:10``; report, quality-vs-NFE plot and grids in
-DIR/eval/<name>; an interrupted evaluation resumes, see ``spd_jax/eval_run.py``).
+DIR/eval/<name>; an interrupted evaluation resumes, see ``spd_jax/run/evaluate.py``), or tune the
+time grid and per-step weights of ``config.sample.method`` at ``config.sample.nfe`` on the exact law
+of the training data's spectrum (``--mode=tune``, written to DIR/tuned/<method>_nfe<N>.json and used
+with ``--config.sample.grid=tuned:<method>_nfe<N>``).
 ``configs/path_report.py`` runs the Fisher-length report (no training).
 """
 
@@ -21,8 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs import
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (created if needed).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
-                          "Train (or resume), sample from a checkpoint, or evaluate a checkpoint.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "tune"],
+                          "Train (or resume), sample from a checkpoint, evaluate a checkpoint, or tune "
+                          "config.sample.method's grid and weights at config.sample.nfe on the exact law.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 JOBS = ("path_report", "train")
@@ -34,7 +38,7 @@ def main(argv):
     config = _CONFIG.value
     job = config.get("job", None)
     if job == "path_report":
-        from spd_jax import path_report
+        from spd_jax.run import path_report
 
         path_report.run(config, _WORKDIR.value)
         return
@@ -42,32 +46,30 @@ def main(argv):
         raise app.UsageError(f"config job {job!r} is not available; expected one of {JOBS}")
     import jax
 
-    from spd_jax import config_utils, experiment
+    from spd_jax.run import builders, checks, sampling, train
+    from spd_jax.training import compile_cache
 
-    experiment.maybe_initialize_distributed(config)
+    compile_cache.enable(config.train.compile_cache_dir or None)  # before the first compilation
+    builders.maybe_initialize_distributed(config)
     # every check runs before anything compiles or is written
-    config_utils.validate(config, jax.device_count(), jax.process_count())
-    config_utils.check_workdir(_WORKDIR.value)
+    checks.validate(config, jax.device_count(), jax.process_count())
+    checks.check_workdir(_WORKDIR.value)
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     if _MODE.value == "train":
-        experiment.train(config, _WORKDIR.value)
-    elif _MODE.value == "eval" and config.task.name:
-        from spd_jax import conditional
+        train.train(config, _WORKDIR.value)
+    elif _MODE.value == "tune":
+        from spd_jax.run import tune
 
-        conditional._parse_settings(config, config.eval.settings)  # bad entries stop before anything is restored
-        report = conditional.evaluate_task(config, _WORKDIR.value, config.eval.settings, config.eval.num_samples)
-        print(f"task eval report: {os.path.join(_WORKDIR.value, 'task_eval', 'report.json')}")
-        for row in report.get("settings", []):
-            print({k: row[k] for k in ("method", "nfe", "psnr", "ssim") if k in row})
-    elif _MODE.value == "eval":
-        from spd_jax import eval_run
+        print(tune.summary(tune.run(config, _WORKDIR.value)))
+    elif _MODE.value == "eval":  # one pipeline for unconditional models and tasks
+        from spd_jax.run import evaluate
 
-        eval_run.check(config)  # settings, metrics, sample counts: before anything is restored or written
-        report = eval_run.run(config, _WORKDIR.value)
+        evaluate.check(config, _WORKDIR.value)  # settings, metrics, sample counts: before anything is restored or written
+        report = evaluate.run(config, _WORKDIR.value)
         print(f"eval report: {os.path.join(report['description']['eval_dir'], 'report.json')} "
               f"(checkpoint step {report['description']['checkpoint_step']}, EMA params)")
     else:
-        path = experiment.sample(config, _WORKDIR.value)
+        path = sampling.sample(config, _WORKDIR.value)
         if path:
             print(f"samples written to {path} (and .png)")
 
@@ -84,8 +86,8 @@ def _parse_flags(argv):
 
 
 def _run():
-    from spd_jax.checkpoint import CheckpointError
-    from spd_jax.config_utils import ConfigError
+    from spd_jax.run.checks import ConfigError
+    from spd_jax.training.checkpoint import CheckpointError
 
     try:
         app.run(main, flags_parser=_parse_flags)

@@ -5,12 +5,12 @@ the gradient-estimation and DDIM samplers at NFE 5, 10, 20 and 50, and tabulate 
 
 For every dataset (``digits`` | ``patches``, the embedded sets) and process (``--processes``,
 default spd, vp_linear, blurring, ddm_constant) a worker trains ``WORKDIR/<dataset>_<process>``
-with :func:`spd_jax.experiment.train` (the dataset's config, only ``config.process.name``
+with :func:`spd_jax.run.train.train` (the dataset's config, only ``config.process.name``
 changed; the same steps, batch, learning-rate schedule and EMA for every process; eps head) —
 skipped when the run already holds its final checkpoint, resumed when it holds an earlier one —
-then evaluates its EMA parameters with :func:`spd_jax.eval_run.run` (samples against the test
+then evaluates its EMA parameters with :func:`spd_jax.run.evaluate.run` (samples against the test
 split; an interrupted evaluation resumes). The floor is the same metrics between real training
-images and the test split (:func:`spd_jax.evaluate.floor_metrics`).
+images and the test split (:func:`spd_jax.run.scoring.floor_metrics`).
 
 Every config is checked before anything starts. Workers run as separate OS processes, ``--jobs``
 at a time (0 = all at once; each allocates accelerator memory on demand, capped at
@@ -112,7 +112,7 @@ def trained_steps(run_dir: Path) -> int | None:
     """The newest checkpoint step of the run in ``run_dir`` (None: no checkpoint)."""
     if not (run_dir / "checkpoints").is_dir():
         return None
-    from spd_jax import checkpoint
+    from spd_jax.training import checkpoint
 
     ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"), 1)
     try:
@@ -129,7 +129,8 @@ def run_worker(dataset: str, process: str, args) -> dict:
     import jax
     from absl import logging
 
-    from spd_jax import eval_run, experiment
+    from spd_jax.run import evaluate as eval_run
+    from spd_jax.run import train as experiment
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     tag = f"{dataset}/{process}"
@@ -203,7 +204,7 @@ def compute_floor(workdir, dataset: str, num_samples: int) -> dict:
     path = floor_path(workdir, dataset, num_samples)
     if path.exists():
         return json.loads(path.read_text())
-    from spd_jax.evaluate import floor_metrics
+    from spd_jax.run.scoring import floor_metrics
 
     floor = floor_metrics(dataset, num_samples=num_samples, seed=0)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -484,8 +485,8 @@ def _names(text: str, valid, what: str) -> list[str]:
 
 
 def parse_args(argv: list[str]):
-    from spd_jax.config_utils import TRAINABLE_PROCESSES
-    from spd_jax.samplers import METHODS
+    from spd_jax.diffusion.samplers import METHODS
+    from spd_jax.run.checks import TRAINABLE_PROCESSES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -538,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     args.worker_platforms = os.environ.get("JAX_PLATFORMS")
     if args.jobs != 1:
         os.environ["JAX_PLATFORMS"] = "cpu"  # the driver only checks and computes floors: off the accelerator
-    from spd_jax import eval_run
+    from spd_jax.run import evaluate as eval_run
 
     for dataset, process in jobs:  # every config check before anything trains
         try:

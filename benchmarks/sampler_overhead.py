@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spd_jax import parameterization, processes, samplers, spectrum
+from spd_jax.diffusion import parameterization, processes, samplers, spectrum
 
 SHAPE = (16, 32, 32, 3)
 

@@ -1,18 +1,21 @@
-"""Sampler quality versus NFE on exact testbeds (SPEC §7; not a timed test).
+"""Sampler quality versus NFE on exact testbeds (docs/math.md §7; not a timed test).
 
 (a) Gaussian data with a natural-image spectrum (32x32x3, estimated from the bundled photo patches;
     DCT spectrum for blurring): exact KL in nats between each sampler's output law and the data,
-    computed with :func:`spd_jax.analytic.sampler_law` (exact: every sampler is linear with the
+    computed with :func:`spd_jax.diffusion.analytic.sampler_law` (exact: every sampler is linear with the
     Gaussian denoiser), started from the exact marginal at t_max and from the real prior.
-(b) The 2-D 7x7 Gaussian-mixture toy of SPEC §7.4 with the exact mixture denoiser (scalar processes
+(t) "Tuned" column: the grid and per-step weights of GE and DPM-Solver++ tuned by autodiff on the
+    same exact KL (:func:`spd_jax.diffusion.tune.tune`, robust objective), beside the default
+    grid's KL and the worst KL under +-2 % level perturbations (exact start).
+(b) The 2-D 7x7 Gaussian-mixture toy of docs/math.md §7.4 with the exact mixture denoiser (scalar processes
     only): on-mode fraction and NLL under the true mixture, beside the exact-mixture-kernel ceiling
     (each step drawn from the true mixture posterior on the same grid).
 
-Every sampler uses its default grid (``spd_jax.samplers.DEFAULT_GRIDS``) and default knobs;
+Every sampler uses its default grid (``spd_jax.diffusion.samplers.DEFAULT_GRIDS``) and default knobs;
 ``clip_x0`` is off (exact denoisers). Writes CSV and PNG files to ``--out`` and prints markdown
 tables::
 
-    python -m benchmarks.sampler_quality --out benchmarks/results
+    python -m benchmarks.sampler_quality --out benchmarks/results [--skip-toy] [--skip-tuned]
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ import jax
 import matplotlib
 import numpy as np
 
-from spd_jax import analytic, processes, samplers, spectrum
+from spd_jax.diffusion import analytic, processes, samplers, spectrum, tune
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-METHODS = ("ancestral", "ddim", "gradient_estimation", "ddm_bridge", "heun")
+METHODS = ("ancestral", "ddim", "gradient_estimation", "ddm_bridge", "heun", "dpm_solver_pp")
+TUNED_METHODS = ("gradient_estimation", "dpm_solver_pp")
+TUNED_NFE = (5, 10, 20)
 NFE_TARGETS = (5, 10, 20, 50)
 KL_PROCESSES = ("vp_linear", "vp_cosine", "blurring", "spd", "ddm_constant", "rectified_flow")
 TOY_PROCESSES = ("vp_linear", "vp_cosine", "ddm_constant", "rectified_flow")
@@ -91,6 +96,58 @@ def kl_benchmark(spectra: dict) -> list[dict]:
                 "w2": analytic.gaussian_w2(law.mean, law.var, spec, law.data_mean),
             })
     return rows
+
+
+# ---- (t) tuned grids and weights -----------------------------------------------------------------
+
+
+def tuned_benchmark(spectra: dict, methods=TUNED_METHODS, nfes=TUNED_NFE, iterations: int = 200) -> list[dict]:
+    rows = []
+    for proc_name in KL_PROCESSES:
+        proc = build_process(proc_name, spectra)
+        spec = spectra["dct" if proc_name == "blurring" else "dft"]
+        for method, target in itertools.product(methods, nfes):
+            r = tune.tune(proc, spec, method=method, nfe=target, iterations=iterations)
+            rows.append({"process": proc_name, "method": method, "target_nfe": target, "nfe": r.nfe,
+                         "kl_default": r.kl_default, "kl_tuned": r.kl, "kl_default_perturbed": r.kl_default_perturbed,
+                         "kl_tuned_perturbed": r.kl_perturbed, "seconds": r.seconds})
+            print(f"  tuned {proc_name} {method} {target}: {r.kl_default:.4g} -> {r.kl:.4g} "
+                  f"(perturbed {r.kl_perturbed:.4g}) {r.seconds:.0f} s", flush=True)
+    return rows
+
+
+def tuned_table(rows: list[dict]) -> str:
+    nfes = sorted({r["target_nfe"] for r in rows})
+    head = "| process | method | " + " | ".join(f"NFE {n}: default / tuned (±2 %)" for n in nfes) + " |"
+    lines = [head, "|---|---|" + "---|" * len(nfes)]
+    for proc in KL_PROCESSES:
+        for method in TUNED_METHODS:
+            cells = sorted((r for r in rows if r["process"] == proc and r["method"] == method),
+                           key=lambda r: r["target_nfe"])
+            if not cells:
+                continue
+            values = " | ".join(f"{r['kl_default']:.3g} / **{r['kl_tuned']:.3g}** ({r['kl_tuned_perturbed']:.3g})"
+                                for r in cells)
+            lines.append(f"| {proc} | {method} | {values} |")
+    return "\n".join(lines)
+
+
+def plot_tuned(rows: list[dict], path: pathlib.Path) -> None:
+    """KL vs NFE per process: dotted default grid, solid tuned."""
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5), sharex=True)
+    for ax, proc in zip(axes.ravel(), KL_PROCESSES, strict=True):
+        for i, method in enumerate(TUNED_METHODS):
+            cells = sorted((r for r in rows if r["process"] == proc and r["method"] == method),
+                           key=lambda r: r["nfe"])
+            nfe = [r["nfe"] for r in cells]
+            ax.plot(nfe, [r["kl_default"] for r in cells], ":", marker="o", ms=3, color=f"C{i}")
+            ax.plot(nfe, [r["kl_tuned"] for r in cells], "-", marker="o", ms=3, color=f"C{i}", label=method)
+        ax.set(title=proc, xscale="log", yscale="log", xlabel="NFE", ylabel="KL (nats), exact start")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8, title="solid: tuned; dotted: default grid", title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ---- (b) the 2-D mixture toy -------------------------------------------------------------------
@@ -267,6 +324,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results", help="directory for CSV and PNG outputs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-toy", action="store_true", help="skip (b), the 2-D mixture toy")
+    parser.add_argument("--skip-tuned", action="store_true", help="skip the tuned column")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -284,6 +343,18 @@ def main() -> None:
         print(f"### {grid}; start: {begin}\n")
         print(kl_table(kl_rows, setting, initial) + "\n")
     print(f"\n[(a) took {time.time() - start:.0f} s]\n")
+
+    if not args.skip_tuned:
+        start = time.time()
+        tuned_rows = tuned_benchmark(spectra)
+        write_csv(out / "sampler_tuned.csv", tuned_rows)
+        plot_tuned(tuned_rows, out / "sampler_tuned.png")
+        print("### Tuned grid and weights (robust objective; exact start)\n")
+        print("Cells: default-grid KL / tuned KL (worst KL under ±2 % level perturbations).\n")
+        print(tuned_table(tuned_rows) + "\n")
+        print(f"\n[(t) took {time.time() - start:.0f} s]\n")
+    if args.skip_toy:
+        return
 
     start = time.time()
     toy_rows, scatter = toy_benchmark(args.seed)

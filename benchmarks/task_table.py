@@ -12,8 +12,11 @@ Each (task, process) model is trained with the same budget (``--steps`` optimise
 ``--batch`` images; configs/patches_sr4.py and configs/patches_inpaint.py, the process chosen as
 ``configs/patches_<task>.py:<process>``) in WORKDIR/<task>_<process> — skipped when a checkpoint of
 that step is there, resumed when a shorter one is — then evaluated on ``--num-samples`` evenly
-spaced held-out patches (:func:`spd_jax.conditional.evaluate_task`; finished settings are reused). Every
-run writes OUT/reports/<task>_<process>.json and OUT/examples/*.npz as soon as it has them, then
+spaced held-out patches by ``launch.py --mode=eval``'s pipeline (:func:`spd_jax.run.evaluate.run`,
+into WORKDIR/<task>_<process>/eval/task_table_n<num-samples>; finished settings are reused). A sampler the model
+does not accept (e.g. ddm_bridge beside a non-DDM head, see spd_jax.run.checks) is listed as n/a with
+the reason. Every run writes OUT/reports/<task>_<process>.json (the table's flat summary of the
+eval report) and OUT/examples/*.npz as soon as it has them, then
 re-merges everything in OUT into OUT/task_table.{csv,md} and OUT/<task>_examples.png (input |
 spd | vp_linear | ddm_constant | baseline | reference). Runs can therefore be split over parallel
 OS processes sharing one OUT (one --tasks/--processes pair each) and merged afterwards with
@@ -41,7 +44,6 @@ import importlib
 import io
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -111,13 +113,73 @@ def _write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _settings(config, methods, nfes) -> tuple[list[str], dict]:
+    """The ``sampler:NFE`` entries the model accepts, and a skipped row for each one it refuses."""
+    from spd_jax.run import evaluate
+    from spd_jax.run.checks import ConfigError
+
+    accepted, skipped = [], {}
+    for method in methods:
+        for nfe in nfes:
+            trial = config.copy_and_resolve_references()
+            trial.eval.settings = f"{method}:{nfe}"
+            try:
+                evaluate.check(trial)
+                accepted.append(f"{method}:{nfe}")
+            except ConfigError as err:
+                skipped[method, nfe] = {"method": method, "requested_nfe": nfe, "skipped": str(err)}
+    return accepted, skipped
+
+
+def table_report(report: dict, skipped: dict, methods, nfes) -> dict:
+    """The table's flat summary of an eval report (schema spd_jax.eval/2): metrics beside the
+    other fields, a row per (method, NFE) in table order (refused ones with ``skipped``)."""
+
+    def flat(entry: dict) -> dict:
+        return {**{k: v for k, v in entry.items() if k != "metrics"}, **entry["metrics"]}
+
+    description = report["description"]
+    done = {(s["method"], s["nfe_requested"]): dict(flat(s), requested_nfe=s["nfe_requested"],
+                                                     seconds=round(s["sample_seconds"], 3))
+            for s in report["settings"]}
+    return {"schema": report["schema"], "task": description["task"], "process": description["process"],
+            "head": description["model_head"], "data": description["dataset"],
+            "checkpoint_step": description["checkpoint_step"], "num_samples": report["protocol"]["num_samples"],
+            "projection": description["projection"], "eval_dir": description["eval_dir"],
+            "baseline": {"name": report["baseline"]["name"], **report["baseline"]["metrics"]},
+            "settings": [done.get((m, n)) or skipped[m, n] for m in methods for n in nfes
+                         if (m, n) in done or (m, n) in skipped]}
+
+
+def _write_examples(report: dict, name: str, out: str) -> None:
+    """OUT/examples/<name>_<method>_nfe<N>.npz: the first EXAMPLE_ROWS outputs of every setting
+    beside their inputs, baseline and references (from the eval folder)."""
+    from spd_jax import images
+
+    eval_dir = report["description"]["eval_dir"]
+    with np.load(os.path.join(eval_dir, report["files"]["paired"])) as paired:
+        shown = {k: images.from_uint8(paired[k][:EXAMPLE_ROWS]) for k in ("inputs", "references", "baseline")}
+    for s in report["settings"]:
+        with np.load(os.path.join(eval_dir, "settings", s["stem"], "samples_00000.npz")) as chunk:
+            outputs = images.from_uint8(chunk["images"][:EXAMPLE_ROWS])
+        target = os.path.join(out, "examples", f"{name}_{s['method']}_nfe{s['nfe']}.npz")
+        np.savez(target, outputs=outputs, index=np.arange(len(outputs)), nfe=s["nfe"], method=s["method"], **shown)
+
+
 def run_one(task: str, process: str, args) -> dict:
     """Train (or skip) and evaluate one model; writes its report and examples into OUT."""
-    from spd_jax import conditional, experiment
+    from spd_jax.run import evaluate
+    from spd_jax.run import train as experiment
 
     name = f"{task}_{process}"
     run_dir = os.path.join(args.workdir, name)
     config = make_config(task, process, args.steps, args.batch, args.smoke)
+    accepted, skipped = _settings(config, args.methods, args.nfe)
+    if not accepted:
+        raise SystemExit(f"[{name}] the model accepts none of the settings: "
+                         + "; ".join(s["skipped"] for s in skipped.values()))
+    config.eval.update(settings=",".join(accepted), num_samples=args.num_samples, grid_images=EXAMPLE_ROWS,
+                       name=f"task_table_n{args.num_samples}")
     train_info_path = os.path.join(run_dir, "task_table_train.json")
     done = _finished_step(run_dir)
     if done >= args.steps and os.path.exists(train_info_path):
@@ -134,18 +196,17 @@ def run_one(task: str, process: str, args) -> dict:
                       "resumed_from": done, "smoke": bool(args.smoke)}
         _write(train_info_path, json.dumps(train_info, indent=1))
         print(f"[{name}] trained in {seconds:.0f} s", flush=True)
-    settings = [(m, n) for m in args.methods for n in args.nfe]
     start = time.perf_counter()
-    report = conditional.evaluate_task(config, run_dir, settings, args.num_samples)
+    os.makedirs(os.path.join(args.out, "reports"), exist_ok=True)
+    os.makedirs(os.path.join(args.out, "examples"), exist_ok=True)
+    evaluated = evaluate.run(config, run_dir)
+    _write_examples(evaluated, name, args.out)
+    report = table_report(evaluated, skipped, args.methods, args.nfe)
     report["train"] = train_info
     report["eval_seconds"] = round(time.perf_counter() - start, 1)
     report["run"] = name
     report["command"] = (f"python benchmarks/task_table.py --tasks={task} --processes={process} --steps={args.steps} "
                          f"--batch={args.batch} --num-samples={args.num_samples}" + (" --smoke" if args.smoke else ""))
-    os.makedirs(os.path.join(args.out, "reports"), exist_ok=True)
-    os.makedirs(os.path.join(args.out, "examples"), exist_ok=True)
-    for path in glob.glob(os.path.join(run_dir, "task_eval", "*.npz")):
-        shutil.copyfile(path, os.path.join(args.out, "examples", f"{name}_{os.path.basename(path)}"))
     _write(os.path.join(args.out, "reports", f"{name}.json"), json.dumps(report, indent=1))
     print(f"[{name}] evaluated in {report['eval_seconds']:.0f} s", flush=True)
     return report
@@ -242,7 +303,7 @@ def markdown(reports: list[dict], nfes, methods) -> str:
 def example_grid(out: str, task: str, reports: list[dict]) -> str | None:
     """OUT/<task>_examples.png: input | each process | baseline | reference, at the largest NFE of
     gradient_estimation (else any stored setting)."""
-    from spd_jax import conditional
+    from spd_jax import images
 
     rs = sorted([r for r in reports if _task_of(r) == task],
                 key=lambda r: PROCESSES.index(r["process"]) if r["process"] in PROCESSES else 99)
@@ -264,7 +325,7 @@ def example_grid(out: str, task: str, reports: list[dict]) -> str | None:
     k = min(len(c) for c in columns)
     panels = [first["inputs"][:k]] + [c[:k] for c in columns] + [first["baseline"][:k], first["references"][:k]]
     target = os.path.join(out, f"{task}_examples.png")
-    conditional.write_panels(target, panels, upscale=2)
+    images.write_png(target, panels, upscale=2)
     return target
 
 

@@ -2,12 +2,14 @@
 ``train_step`` over a bare forward + backward pass of the same network.
 
     python -m benchmarks.train_throughput [--configs=digits_spd,cifar10_spd] [--batch=0] [--steps=10]
+    python -m benchmarks.train_throughput --configs=cifar10_spd --profile=/tmp/prof [--cpu_options]
+    python -m benchmarks.train_throughput --second_start [--config=configs/digits_spd.py]
 
 For each config (its network and process at full size; ``--batch`` overrides the global batch,
 0 keeps the config's digits batch and uses 8 for the CIFAR-10 sizes on CPU) it times, after a
 warm-up call:
 
-* ``train_step``: the jitted, mesh-sharded step of :mod:`spd_jax.train` (time and noise sampling,
+* ``train_step``: the jitted, mesh-sharded step of :mod:`spd_jax.training` (time and noise sampling,
   forward process, loss, gradients, clipping, AdamW, EMA, non-finite check);
 * ``bare``: ``jax.grad`` of the mean squared network output on a fixed (x_t, t) batch.
 
@@ -15,6 +17,19 @@ The ratio train_step / bare is the training system's overhead (target <= 1.10). 
 not included (CIFAR-10 sizes use random images and the preset spectrum, so no dataset is needed).
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries) and the process's peak
 resident set size.
+
+``--profile=DIR`` also traces three train steps with the JAX profiler and prints where the time
+goes: each executed thunk is joined to its HLO instruction, whose ``op_name`` metadata names the Flax
+module (convolutions, attention, GroupNorm, dropout's random bits, optimizer/EMA, ...), forward and
+backward apart. ``--cpu_options`` compiles with ``compile_cache.CPU_COMPILER_OPTIONS`` (before/after).
+
+``--second_start`` instead measures the persistent compilation cache
+(:mod:`spd_jax.training.compile_cache`): it launches ``launch.py --config=CONFIG
+--config.train.num_steps=1`` twice in new processes, each in a fresh workdir, with one fresh cache
+directory given through JAX's own environment variables (the same settings as
+``compile_cache.enable``, so no launcher wiring is needed), and prints each launch's wall time
+(launch to exit: start-up, data, init, the first train step, checkpoint and the final sample grid)
+and the cache entries it added.
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import resource
 import statistics
 import sys
@@ -33,10 +49,71 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spd_jax import experiment  # noqa: E402
-from spd_jax import train as training  # noqa: E402
+from spd_jax import training  # noqa: E402
+from spd_jax.run import builders as experiment  # noqa: E402
 
 CPU_CIFAR_BATCH = 8
+
+
+_RNG = ("_uniform", "_normal", "threefry", "random_bits", "fold_in", "_bernoulli")
+
+
+def _category(opcode: str, op_name: str) -> str:
+    """A profile category of one HLO instruction, from its opcode and ``op_name`` metadata."""
+    where = "bwd " if "transpose(" in op_name else "fwd "
+    if "UNet" not in op_name and "SMDNet" not in op_name:
+        if any(k in op_name for k in _RNG):
+            return "rng: time/noise (per example)"
+        if any(k in op_name for k in ("/cond", "reduce_and", "is_finite")):
+            return "finite check + cond select"
+        if not op_name:
+            return f"no metadata ({opcode}: layout transposes, param copies, optimizer)"
+        if "jvp(" not in op_name:
+            return "optimizer/EMA/grad-norm"
+        return "loss/process"
+    if "Dropout" in op_name:
+        return "dropout: random bits" if any(k in op_name for k in _RNG) else where + "dropout mask"
+    if "attn" in op_name:
+        if re.search(r"attn\w*/norm/", op_name):
+            return where + "groupnorm"
+        if "/qkv" in op_name or "/proj" in op_name:
+            return where + "attention qkv/proj"
+        return where + "attention core"
+    if re.search(r"/(norm_in|norm_out|norm)/", op_name):
+        return where + "groupnorm"
+    if "conv_general_dilated" in op_name:
+        return where + "convolution"
+    return where + "other (silu, adds, bias, concat, resample, embeddings)"
+
+
+def profile_breakdown(compiled, run, calls: int, directory: str) -> list[tuple[str, float, float]]:
+    """Trace ``calls`` calls of ``run()`` with the JAX profiler and group the executed thunks by
+    :func:`_category` of their HLO instruction: (category, thread-seconds per call, share).
+
+    Thread-seconds sum the thunks' durations over XLA's threads. Thunks that run asynchronously
+    (XLA's Eigen convolutions) only show their dispatch, so read a run with YNNPACK convolutions
+    for the convolutions' share."""
+    import collections
+    import glob
+
+    info = {}
+    for line in compiled.as_text().splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][a-z\-]*)\(", line)
+        if m:
+            op = re.search(r'op_name="([^"]*)"', line)
+            info[m.group(1)] = (m.group(2), op.group(1) if op else "")
+    with jax.profiler.trace(directory):
+        for _ in range(calls):
+            run()
+    path = sorted(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True))[-1]
+    totals = collections.Counter()
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name in info:
+                    totals[_category(*info[event.name])] += event.duration_ns
+    whole = sum(totals.values()) or 1
+    return [(c, v / calls / 1e9, v / whole) for c, v in totals.most_common()]
 
 
 def _median_seconds(fn, args_fn, steps: int) -> float:
@@ -56,7 +133,7 @@ def _compiled_bytes(compiled) -> int | None:
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes)
 
 
-def bench(name: str, batch: int, steps: int) -> dict:
+def bench(name: str, batch: int, steps: int, profile: str = "", compiler_options: dict | None = None) -> dict:
     config = importlib.import_module(f"configs.{name}").get_config()
     synthetic = config.data.name not in ("digits", "patches")
     if batch:
@@ -82,9 +159,14 @@ def bench(name: str, batch: int, steps: int) -> dict:
     variables = experiment.init_variables(model, shape, jax.random.PRNGKey(0))
     params = sum(x.size for x in jax.tree.leaves(variables))
     state = training.replicate(training.create_train_state(variables, tx, jax.random.PRNGKey(1)), mesh)
-    step = training.shard_train_step(
-        training.scan_steps(training.make_train_step(experiment.build_loss(config, model, process), tx,
-                                                     config.train.ema, schedule)), mesh)
+    multi_step = training.scan_steps(training.make_train_step(experiment.build_loss(config, model, process), tx,
+                                                              config.train.ema, schedule))
+    if compiler_options is None:  # exactly what a run compiles
+        step = training.shard_train_step(multi_step, mesh)
+    else:  # shard_train_step's jit with these XLA options
+        rep = training.replicated(mesh)
+        step = jax.jit(multi_step, in_shardings=(rep, training.batch_sharding(mesh, 1)), out_shardings=(rep, rep),
+                       donate_argnums=(0,), compiler_options=compiler_options)
     batches = training.global_batch({"image": images[None]}, mesh)
     compiled_step = step.lower(state, batches).compile()
 
@@ -105,7 +187,13 @@ def bench(name: str, batch: int, steps: int) -> dict:
         out = model.apply(v, x_t, t, *extra, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
         return sum(jnp.mean(o**2) for o in (out if isinstance(out, tuple) else (out,)))
 
-    bare = jax.jit(jax.grad(bare_loss)).lower(variables).compile()
+    if profile:
+        rows = profile_breakdown(compiled_step, lambda: float(run_step(batches)["loss"]), 3,
+                                 os.path.join(profile, name))
+        print(f"{name}: train step, thread-seconds per step by category (load {os.getloadavg()[0]:.2f})")
+        for category, seconds, share in rows:
+            print(f"  {seconds:8.3f} s  {100 * share:5.1f}%  {category}")
+    bare = jax.jit(jax.grad(bare_loss), compiler_options=compiler_options).lower(variables).compile()
     jax.block_until_ready(bare(variables))
     t_bare = _median_seconds(bare, lambda: (variables,), steps)
     return {
@@ -122,18 +210,63 @@ def bench(name: str, batch: int, steps: int) -> dict:
     }
 
 
+def second_start(config: str, overrides: list[str]) -> list[dict]:
+    """Wall time of two launches of ``config`` for one step, sharing one fresh compilation cache."""
+    import subprocess
+    import tempfile
+
+    from spd_jax.training import compile_cache
+
+    root = tempfile.mkdtemp(prefix="spd_second_start_")
+    cache = os.path.join(root, "xla")
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_ENABLE_COMPILATION_CACHE="true",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(compile_cache.MIN_COMPILE_TIME_SECS),
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=str(compile_cache.MIN_ENTRY_SIZE_BYTES))
+    env.pop(compile_cache.ENV_VAR, None)
+    launcher = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch.py")
+    rows = []
+    for run in ("first", "second"):
+        before = len(compile_cache.entries(cache))
+        load = os.getloadavg()
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, launcher, f"--config={config}", f"--workdir={root}/{run}",
+                              "--config.train.num_steps=1", *overrides], env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if out.returncode:
+            raise SystemExit(f"{run} launch failed:\n{out.stderr[-3000:]}")
+        rows.append({"run": run, "wall_s": wall, "new_entries": len(compile_cache.entries(cache)) - before,
+                     "load": tuple(round(x, 2) for x in load)})
+        print(f"{run:6s} launch: {wall:6.1f} s wall, {rows[-1]['new_entries']} new cache entries, load {rows[-1]['load']}",
+              flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="digits_spd,cifar10_spd")
     parser.add_argument("--batch", type=int, default=0)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--second_start", action="store_true", help="time two launches sharing the compilation cache")
+    parser.add_argument("--config", default="configs/digits_spd.py", help="config of --second_start")
+    parser.add_argument("--profile", default="", help="trace 3 steps into this directory and print the breakdown")
+    parser.add_argument("--cpu_options", action="store_true",
+                        help="compile with spd_jax.training.compile_cache.CPU_COMPILER_OPTIONS")
+    parser.add_argument("overrides", nargs="*", help="--second_start: extra --config.a.b=value flags (after --)")
     args = parser.parse_args()
+    if args.second_start:
+        second_start(args.config, args.overrides)
+        return
     print(f"backend={jax.default_backend()} devices={jax.device_count()} jax={jax.__version__}")
     header = ("config", "params_M", "batch", "image", "step_s", "images_per_s", "bare_s", "ratio", "xla_step_MiB",
               "peak_rss_MiB")
     print(" | ".join(header))
     for name in args.configs.split(","):
-        row = bench(name.strip(), args.batch, args.steps)
+        options = None
+        if args.cpu_options:
+            from spd_jax.training import compile_cache
+
+            options = compile_cache.cpu_compiler_options()
+        row = bench(name.strip(), args.batch, args.steps, args.profile, options)
         print(" | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in header), flush=True)
 
 

@@ -1,7 +1,7 @@
 """Inpainting of 64x64 CelebA faces: the CelebA SPD U-Net (configs/celeba64_spd.py) conditioned on
 concat(m x, m) with one random box hole per example (``--config.task.mask=free_form`` for brush
 strokes); known pixels re-imposed at every sampler step. Needs the prepared TFDS dataset
-(``tfds build celeb_a --file_format=array_record``).
+(``python -m spd_jax.prepare celeb_a --data_dir=D --archive=DIR``).
 
 Process: spd (default), vp_linear or ddm_constant via the config argument (ddm_constant: DDM dual
 head, log-t label and ddm_bridge, as configs/cifar10_ddm.py)::

@@ -1,6 +1,6 @@
 """SPD on CelebA at 64x64 (140 px center crop, bicubic resize), estimated spectrum, flips; a
 (1, 2, 2, 2) U-Net with attention at 16 and 8 px. Needs the prepared TFDS dataset
-(``tfds build celeb_a --file_format=array_record``)."""
+(``python -m spd_jax.prepare celeb_a --data_dir=D --archive=DIR``)."""
 
 from configs import cifar10_spd
 

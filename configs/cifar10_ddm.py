@@ -1,4 +1,4 @@
-"""DDM (decoupled diffusion, constant attenuation) on CIFAR-10 (SPEC §2.6a, §5.2, §8): two-decoder
+"""DDM (decoupled diffusion, constant attenuation) on CIFAR-10 (docs/math.md §2.6a, §5.2, §8): two-decoder
 U-Net (192 ch, decouple blocks, log-t label, ~216M) with the dual (c, eps) loss, AdamW lr 1e-4,
 weight decay 1e-2, clipping 1.0, EMA 0.999, sampled with the DDM bridge at 10 NFE.
 

@@ -1,4 +1,4 @@
-"""Soft mixture denoising on CIFAR-10 (SPEC §5.3, §8): the SMD backbone with hypernetworks at both
+"""Soft mixture denoising on CIFAR-10 (docs/math.md §5.3, §8): the SMD backbone with hypernetworks at both
 sites and latent network g_xi (d = 100), official single-eta v-loss, Adam lr 1e-4 with
 betas (0.9, 0.99) and clipping 1.0, EMA 0.995, batch 128, sampled with the SMD ancestral sampler.
 

@@ -1,9 +1,9 @@
-"""SPD on CIFAR-10, the paper's setting (SPEC §2.5, §8): guided-diffusion U-Net (~52.5M), eps-MSE,
+"""SPD on CIFAR-10, the paper's setting (docs/math.md §2.5, §8): guided-diffusion U-Net (~52.5M), eps-MSE,
 Adam lr 1e-4 without weight decay, warm-up, annealing or clipping, EMA 0.9999, flips.
 
 Differences from the official code: continuous t in place of the T = 4000 grid, and the spectrum
 estimated from the training images (``--config.process.spectrum=preset`` uses the official
-power law). Needs the prepared TFDS dataset (``tfds build cifar10 --file_format=array_record``).
+power law). Needs the prepared TFDS dataset (``python -m spd_jax.prepare cifar10 --data_dir=D --archive=cifar-10-python.tar.gz``).
 """
 
 from configs import defaults

@@ -1,6 +1,6 @@
 """x4 super-resolution on CIFAR-10 (8x8 -> 32x32): the CIFAR-10 SPD U-Net (configs/cifar10_spd.py)
 conditioned on the bicubic up-sampling of the area-down-sampled image. Needs the prepared TFDS
-dataset (``tfds build cifar10 --file_format=array_record``).
+dataset (``python -m spd_jax.prepare cifar10 --data_dir=D --archive=cifar-10-python.tar.gz``).
 
 Process: spd (default), vp_linear or ddm_constant via the config argument (ddm_constant: DDM dual
 head, log-t label and ddm_bridge, as configs/cifar10_ddm.py)::

@@ -18,11 +18,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.image_size = 0  # resize TFDS images to this size (0 = native size)
     config.data.flip = False  # random horizontal flips
     config.data.crops_per_photo = 512  # patches: random 32x32 training crops per photograph
-    config.data.num_threads = 2  # grain reader threads per process
+    config.data.num_threads = 2  # grain reader threads per process (0 = read in the main thread)
+    config.data.prefetch = 0  # batches read ahead per process (0 = max(4, num_threads))
+    config.data.worker_count = 0  # grain worker processes per process (0 = none)
+    config.data.worker_buffer = 2  # batches each worker keeps ready
+    config.data.uint8 = False  # ship uint8 images; scaling and flips run on the device (not for digits)
     config.data.seed = 0  # shuffling / flip seed (the embedded test split uses seed 0)
 
     config.process = ml_collections.ConfigDict()
-    config.process.name = "spd"  # see spd_jax.processes.PROCESS_NAMES
+    config.process.name = "spd"  # see spd_jax.diffusion.processes.PROCESS_NAMES
     config.process.spectrum = "estimate"  # SPD: "estimate" from training data, or the CIFAR-10 "preset"
     config.process.spectrum_images = 10000  # images used for the spectrum estimate
     config.process.per_channel = True  # per-channel spectrum (False: channel-averaged)
@@ -52,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss.t_max = 1.0
     config.loss.ddm_weighting = "ddm_public"  # DDM heads: see spd_jax.losses.DDM_WEIGHTINGS
     config.loss.ddm_rec_weight = 1.0
+    config.loss.smd = "single_eta"  # smd models: single_eta (official) | mixture (K-sample log-mean-exp)
+    config.loss.smd_samples = 8  # smd mixture: latent samples K per example
+    config.loss.smd_step = 0.0  # smd mixture: reverse step in t (0 = one level of a discrete process)
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 2e-4
@@ -74,14 +81,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 3
     config.train.fast_compile = False  # compile without XLA backend optimisation (smoke tests)
+    # persistent XLA cache: "" = $SPD_JAX_COMPILATION_CACHE or ~/.cache/spd_jax/xla; "off" disables
+    config.train.compile_cache_dir = ""
     config.train.max_nonfinite_streak = 20  # stop after this many skipped (non-finite) updates in a row
 
     config.sample = ml_collections.ConfigDict()
-    config.sample.method = "gradient_estimation"  # see spd_jax.samplers.METHODS
+    config.sample.method = "gradient_estimation"  # see spd_jax.diffusion.samplers.METHODS
     config.sample.nfe = 10  # network evaluations (the largest step count within it)
-    config.sample.grid = ""  # time grid (see spd_jax.grids.GRIDS; "" = the method's default)
+    # time grid: spd_jax.diffusion.grids.GRIDS, "tuned:NAME" (WORKDIR/tuned/NAME.json from --mode=tune) or a
+    # JSON path; "" = the method's default
+    config.sample.grid = ""
     config.sample.t_max = 1.0 - 1e-3  # first (noisiest) grid level
-    config.sample.clip_x0 = True  # clip x0_hat to [-1, 1] (learned pixel-space models, SPEC §10)
+    config.sample.clip_x0 = True  # clip x0_hat to [-1, 1] (learned pixel-space models, docs/math.md §10)
     config.sample.grid_images = 64  # images in each training sample grid (0 = no grids)
     config.sample.num_samples = 64  # --mode=sample: images written
     config.sample.batch_size = 256  # images per sampler call
@@ -89,7 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.upscale = 1  # nearest-neighbour magnification of grid PNGs
     config.sample.options = ml_collections.ConfigDict()  # method knobs, e.g. gamma, eta, kappa
 
-    # image-conditioned tasks (spd_jax.conditional); name "" = unconditional generation
+    # image-conditioned tasks (spd_jax.run.sampling); name "" = unconditional generation
     config.task = ml_collections.ConfigDict()
     config.task.name = ""  # "" | sr (super-resolution) | inpaint
     config.task.factor = 4  # sr: area down-sampling factor (2 or 4)
@@ -97,7 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.task.enforce_known = True  # inpaint: re-impose the known pixels at every sampler step
     config.task.inputs = ""  # --mode=sample: comma list of image files ("" = the held-out split)
 
-    config.eval = ml_collections.ConfigDict()  # --mode=eval (see spd_jax.eval_run)
+    config.eval = ml_collections.ConfigDict()  # --mode=eval (see spd_jax.run.evaluate)
     config.eval.checkpoint_step = 0  # checkpoint evaluated (0 = the latest)
     # comma-separated "sampler:NFE" entries; config.sample.grid/options apply to config.sample.method only
     config.eval.settings = ("gradient_estimation:5,gradient_estimation:10,gradient_estimation:20,"

@@ -1,5 +1,5 @@
 """x4 super-resolution of 32x32x3 photo patches (embedded, no download): the patches U-Net
-conditioned on the bicubic up-sampling of the 8x8 area-down-sampled image (spd_jax.conditional).
+conditioned on the bicubic up-sampling of the 8x8 area-down-sampled image (spd_jax.run.sampling).
 
 Process: spd (default), vp_linear or ddm_constant, chosen by the config argument, which also sets
 the matching head and sampler (ddm_constant: the DDM dual (c, eps) head with the log-t label and

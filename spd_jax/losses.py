@@ -1,4 +1,4 @@
-"""Training objectives (SPEC §5) as pure functions ``loss_fn(variables, batch, key) -> (loss, metrics)``.
+"""Training objectives (docs/math.md §5) as pure functions ``loss_fn(variables, batch, key) -> (loss, metrics)``.
 
 Each factory closes over a model (anything with Flax's ``apply``) and a process:
 
@@ -12,7 +12,7 @@ Each factory closes over a model (anything with Flax's ``apply``) and a process:
 (B,) global example indices (default arange(B)); optional ``"cond"`` (B, H, W, C') conditioning
 image passed to the model; optional ``"t"`` (B,) times to use instead of drawing them.
 
-Randomness is per example (SPEC §0): times, noise and SMD's eta for example i come from
+Randomness is per example (docs/math.md §0): times, noise and SMD's eta for example i come from
 fold_in(key', index[i]), so a loss never depends on batch composition (up to dropout, whose masks
 Flax draws per batch). Networks are called with ``train=True`` unless the factory's ``train=False``.
 """
@@ -25,10 +25,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from spd_jax import parameterization as param
-from spd_jax import spectral
+from spd_jax.diffusion import bases
+from spd_jax.diffusion import parameterization as param
+from spd_jax.diffusion.rng import example_keys, per_example_normal
 from spd_jax.models.heads import DDM_HEADS, ddm_outputs
-from spd_jax.rng import example_keys, per_example_normal
+from spd_jax.tasks import Task, degrade
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 DDM_WEIGHTINGS = ("ddm_public", "adm_const", "adm_const2", "uniform")
@@ -39,10 +40,6 @@ _TIME, _NOISE, _DROPOUT, _ETA, _TARGET = range(5)
 
 def _stream(key: jax.Array, which: int) -> jax.Array:
     return jax.random.fold_in(key, which)
-
-
-def _basis(process) -> str:
-    return "identity" if process.is_scalar else process.basis
 
 
 def _per_example_mean(x: jax.Array) -> jax.Array:
@@ -105,7 +102,7 @@ def _apply(model, variables, x_t, t, key, batch: dict, train: bool, eta=None):
     )
 
 
-# ---- eps / x0 / v / flow / score MSE (SPEC §5.1) --------------------------------------------
+# ---- eps / x0 / v / flow / score MSE (docs/math.md §5.1) --------------------------------------------
 
 
 def _denoising_loss(model, process, target, t_min, t_max, train, latent_noise: bool) -> LossFn:
@@ -139,7 +136,7 @@ def make_denoising_loss(
     t_max: float = 1.0,
     train: bool = True,
 ) -> LossFn:
-    """Pixel-space MSE between the network output and ``target`` (SPEC §5.1), any process.
+    """Pixel-space MSE between the network output and ``target`` (docs/math.md §5.1), any process.
 
     x_t ~ q(x_t | x_0) per :meth:`Process.forward_sample`; t ~ U(t_min, t_max) (continuous) or a
     uniform discrete level. For ``target="eps"`` this is the eps-MSE, equal weight on every
@@ -148,7 +145,7 @@ def make_denoising_loss(
     return _denoising_loss(model, process, target, t_min, t_max, train, latent_noise=False)
 
 
-# ---- DDM dual loss (SPEC §5.2) -------------------------------------------------------------
+# ---- DDM dual loss (docs/math.md §5.2) -------------------------------------------------------------
 
 
 def ddm_loss_weights(weighting: str, t: jax.Array, t_min: float = 1e-4):
@@ -188,7 +185,7 @@ def make_ddm_loss(
     t_max: float = 1.0,
     train: bool = True,
 ) -> LossFn:
-    """DDM's dual loss (SPEC §5.2), weighted per sample and elementwise:
+    """DDM's dual loss (docs/math.md §5.2), weighted per sample and elementwise:
 
         L = mean_b [ w_c(t_b) |c_hat - c|^2 + w_eps(t_b) |eps_hat - eps|^2 + rec_weight w_rec(t_b) R_b ]
 
@@ -229,7 +226,7 @@ def make_ddm_loss(
     return loss_fn
 
 
-# ---- SMD (SPEC §5.3) -----------------------------------------------------------------------
+# ---- SMD (docs/math.md §5.3) -----------------------------------------------------------------------
 
 
 def make_smd_loss(
@@ -244,7 +241,7 @@ def make_smd_loss(
     """SMD's official single-eta loss: the MSE of :func:`make_denoising_loss` with one
     eta ~ N(0, I) per example fed to the latent network, ``model.apply(variables, x_t, t, eta, ...)``.
 
-    Its optimum ignores eta (plain DDPM, SPEC §5.3); :func:`make_smd_mixture_loss` rewards the latent.
+    Its optimum ignores eta (plain DDPM, docs/math.md §5.3); :func:`make_smd_mixture_loss` rewards the latent.
     """
     return _denoising_loss(model, process, target, t_min, t_max, train, latent_noise=True)
 
@@ -261,11 +258,11 @@ def make_smd_mixture_loss(
     t_max: float = 1.0,
     train: bool = True,
 ) -> LossFn:
-    """SMD's K-sample log-mean-exp loss (SPEC §5.3; an spd_jax extension), per frequency k:
+    """SMD's K-sample log-mean-exp loss (docs/math.md §5.3; an spd_jax extension), per frequency k:
 
         L = [ -logsumexp_j( -sum_k |u_s(k) - mu_j(k)|^2 / (2 s^2(k)) ) + log K ] / n
 
-    for a reverse step t -> s = t - ``step``: u_s ~ q(u_s | u_t, u_0) (SPEC eq. 1.3), mu_j its mean
+    for a reverse step t -> s = t - ``step``: u_s ~ q(u_s | u_t, u_0) (docs/math.md eq. 1.3, mu_j its mean
     with u_0 replaced by the x0_hat implied by the network at eta_j (j = 1..K), component variance
     s^2 = ``variance_scale`` x the posterior variance, n pixels per example (a per-pixel NLL up to
     a constant). ``step`` defaults to one level of a discrete process and must be given for a
@@ -285,7 +282,7 @@ def make_smd_mixture_loss(
         step = 1.0 / levels
     if not 0 < step < t_max:
         raise ValueError(f"step must lie in (0, t_max); got step={step}, t_max={t_max}")
-    basis = _basis(process)
+    basis = param.basis_of(process)
 
     def loss_fn(variables, batch: dict, key: jax.Array):
         x0 = _check_batch(batch)
@@ -307,10 +304,10 @@ def make_smd_mixture_loss(
         out = _apply(model, variables, x_rep, t_rep, key, tiled, train, etas)
         x0_hat = param.prediction_from_output(process, x_rep, t_rep, out, target).x0
         # u_s - mu_j = coef_u0 (u_0 - u0_hat_j) + std * xi, xi = B xi_pix
-        error = spectral.to_spectral(_repeat(x0, k) - x0_hat, basis)
+        error = bases.to_spectral(_repeat(x0, k) - x0_hat, basis)
         resid = coef_u0 * error.reshape(
             (k, batch_size) + x0.shape[1:]
-        ) + std * spectral.to_spectral(fresh, basis)
+        ) + std * bases.to_spectral(fresh, basis)
         energy = jnp.sum(jnp.abs(resid) ** 2 / (2.0 * variance_scale * std**2), axis=(2, 3, 4))
         nll = -jax.nn.logsumexp(-energy, axis=0) + jnp.log(k)
         loss = jnp.mean(nll) / x0[0].size
@@ -322,11 +319,11 @@ def make_smd_mixture_loss(
     return loss_fn
 
 
-# ---- predict-project projection network (SPEC §5.4) ----------------------------------------
+# ---- predict-project projection network (docs/math.md §5.4) ----------------------------------------
 
 
 def _drift(process, t):
-    """(f, g^2) of the forward SDE du = f u dt + g dW_B at t (B,), per frequency (SPEC §1.2)."""
+    """(f, g^2) of the forward SDE du = f u dt + g dW_B at t (B,), per frequency (docs/math.md §1.2)."""
     alpha, sigma = process.marginal(t)
     dalpha, dsigma = param.marginal_derivative(process, t)
     f = dalpha / alpha
@@ -334,18 +331,19 @@ def _drift(process, t):
 
 
 def predict_step(process, x_t: jax.Array, t: jax.Array, eps: jax.Array, dt: float) -> jax.Array:
-    """One Euler-Maruyama drift step of the reverse SDE from t to t - dt, without noise (SPEC §6.6):
+    """One Euler-Maruyama drift step of the reverse SDE from t to t - dt, without noise (docs/math.md §6.6):
     u_pred = u - f u dt - g^2 (eps_hat / sigma) dt per frequency; pixel space in and out."""
-    basis = _basis(process)
+    basis = param.basis_of(process)
     _, sigma = process.marginal(t)
     f, g2 = _drift(process, t)
-    u, u_eps = spectral.to_spectral(x_t, basis), spectral.to_spectral(eps, basis)
-    return spectral.from_spectral(u - f * u * dt - g2 * (u_eps / sigma) * dt, basis)
+    u, u_eps = bases.to_spectral(x_t, basis), bases.to_spectral(eps, basis)
+    return bases.from_spectral(u - f * u * dt - g2 * (u_eps / sigma) * dt, basis)
 
 
-def default_projection_beta(process, t: jax.Array) -> jax.Array:
-    """The paper's beta at t per frequency: g^2(t)/2 (half the score-SDE VP beta(t), SPEC §5.4)."""
-    return 0.5 * _drift(process, t)[1]
+def default_projection_beta(process, t: jax.Array, dt: float) -> jax.Array:
+    """beta of the projection step t -> t - dt per frequency: g^2(t) dt at the step's start, the
+    convention the training-free predict-project sampler uses too (docs/math.md §5.4, §6.6)."""
+    return _drift(process, t)[1] * dt
 
 
 def make_projection_loss(
@@ -359,14 +357,14 @@ def make_projection_loss(
     t_max: float = 1.0 - 1e-3,
     train: bool = True,
 ) -> LossFn:
-    """Loss of the projection network T_theta (SPEC §5.4), per example and frequency k:
+    """Loss of the projection network T_theta (docs/math.md §5.4), per example and frequency k:
 
-        mean_k |x_pred + T(x_pred, t') - m_{t'}(x_0)|^2(k) + sqrt(beta_k(t'))/2 |T(x_pred, t')|^2(k)
+        mean_k |x_pred + T(x_pred, t') - m_{t'}(x_0)|^2(k) + sqrt(beta_k)/2 |T(x_pred, t')|^2(k)
 
     where x_t ~ q(x_t | x_0), x_pred = :func:`predict_step` with the frozen ``denoiser``'s eps and
     dt = 1/``num_steps``, t' = t - dt and m_{t'}(x_0) = alpha_{t'} u_0 (the forward mean). t is drawn
-    from U(t_min + dt, t_max) (or read from ``batch["t"]``); ``beta_fn(t')`` defaults to
-    :func:`default_projection_beta`. The pointwise minimiser is
+    from U(t_min + dt, t_max) (or read from ``batch["t"]``); beta is ``beta_fn(t)`` at the step's
+    start, by default :func:`default_projection_beta` g^2(t) dt. The pointwise minimiser is
     T*(x) = 2/(2 + sqrt(beta)) (E[m_{t'} | x_pred = x] - x). The process must be continuous.
     """
     if num_steps < 1:
@@ -376,8 +374,8 @@ def make_projection_loss(
             f"the projection loss needs a continuous process; {process.name!r} is discrete"
         )
     dt = 1.0 / num_steps
-    beta_fn = beta_fn or (lambda t: default_projection_beta(process, t))
-    basis = _basis(process)
+    beta_fn = beta_fn or (lambda t: default_projection_beta(process, t, dt))
+    basis = param.basis_of(process)
 
     def loss_fn(variables, batch: dict, key: jax.Array):
         x0 = _check_batch(batch)
@@ -389,9 +387,26 @@ def make_projection_loss(
         out = _apply(model, variables, x_pred, t_next, key, batch, train)
         alpha_next, _ = process.marginal(t_next)
         fit = _per_example_mean((x_pred + out - process.apply(x0, alpha_next)) ** 2)
-        u_out = spectral.to_spectral(out, basis)
-        penalty = _per_example_mean(0.5 * jnp.sqrt(beta_fn(t_next)) * jnp.abs(u_out) ** 2)
+        u_out = bases.to_spectral(out, basis)
+        penalty = _per_example_mean(0.5 * jnp.sqrt(beta_fn(t)) * jnp.abs(u_out) ** 2)
         loss = jnp.mean(fit + penalty)
         return loss, {"loss": loss, "mse": jnp.mean(fit)}
 
     return loss_fn
+
+
+def conditioned_loss(loss_fn: LossFn, task: Task) -> LossFn:
+    """``loss_fn`` with the batch's conditioning image of ``task`` added (``loss_fn`` itself for
+    unconditional generation).
+
+    The conditioning is computed inside the loss from the clean images, the step key and the
+    global example indices (``batch["index"]``), so it stays pure and device-count invariant.
+    """
+    if not task.conditional:
+        return loss_fn
+
+    def conditioned(params, batch, key):
+        d = degrade(task, batch["image"], key, batch.get("index"))
+        return loss_fn(params, dict(batch, cond=jax.lax.stop_gradient(d.cond)), key)
+
+    return conditioned

@@ -1,24 +1,88 @@
 """Image-conditioned tasks as pure functions: degradations, conditioning inputs, known-pixel projection.
 
 * Super-resolution: ``area_downsample`` (mean over factor x factor blocks) and ``upsample``; the
-  network is conditioned on the up-sampled low-resolution image (SPEC §0 "Conditional tasks").
+  network is conditioned on the up-sampled low-resolution image (docs/math.md §0 "Conditional tasks").
 * Inpainting: per-example ``box_masks`` and ``free_form_masks`` (1 = known pixel, shape
   (B, H, W, 1)); the network is conditioned on concat(mask * x, mask).
 * ``known_pixel_projection``: enforce the known pixels at every sampler step,
   u <- B[m * B^-1(alpha_s B y + sigma_s B z) + (1 - m) * B^-1 u]. Exact for frequency-independent
   processes; for spectral processes it is an approximation (the mask does not commute with B).
+* :class:`Task` names a task (``""`` = unconditional generation, ``sr``, ``inpaint``);
+  :func:`degrade` turns clean images into a :class:`Degraded` batch (conditioning image, display
+  input, baseline estimate, mask, known pixels); :func:`sample_with_known_pixels` runs any sampler
+  with the known pixels re-imposed.
 * ``psnr`` / ``ssim`` from scikit-image, per image, on [-1, 1] data.
+
+Randomness is per example (docs/math.md §0): the mask of example i is drawn from
+fold_in(fold_in(key, MASK_STREAM), i), so a degradation does not depend on batch position or
+device count.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spd_jax.rng import example_keys, per_example_normal
+from spd_jax.diffusion import samplers
+from spd_jax.diffusion.rng import example_keys, per_example_normal
 
-TASKS = ("super_resolution", "inpainting")
+#: task names: "" = unconditional generation, "sr" = super-resolution, "inpaint" = inpainting
+TASK_NAMES = ("", "sr", "inpaint")
+TASK_LABELS = {"": "generation", "sr": "super-resolution", "inpaint": "inpainting"}
+MASKS = ("box", "free_form")
+FACTORS = (2, 4)
+#: the estimate each task's outputs are compared with ("" has none: it is compared with data)
+BASELINES = {"sr": "bicubic", "inpaint": "mean_fill"}
+#: fold_in constant of the degradation stream (distinct from the loss's streams 0..4)
+MASK_STREAM = 0x6D61736B
+
+
+class Task(NamedTuple):
+    """What a model generates: ``name`` from :data:`TASK_NAMES` and its options."""
+
+    name: str = ""
+    factor: int = 4
+    mask: str = "box"
+    enforce_known: bool = True
+
+    @property
+    def label(self) -> str:
+        return TASK_LABELS[self.name]
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.name)
+
+    @property
+    def projects(self) -> bool:
+        """Whether sampling re-imposes known pixels (inpainting with ``enforce_known``)."""
+        return self.name == "inpaint" and bool(self.enforce_known)
+
+    @property
+    def variant(self) -> str:
+        """A short file-name stem: ``sr4``, ``inpaint_box`` ('' for unconditional generation)."""
+        return {"": "", "sr": f"sr{self.factor}", "inpaint": f"inpaint_{self.mask}"}[self.name]
+
+    def cond_channels(self, image_channels: int) -> int:
+        """Channels of the conditioning image (0 for unconditional generation)."""
+        return {"": 0, "sr": image_channels, "inpaint": image_channels + 1}[self.name]
+
+
+class Degraded(NamedTuple):
+    """A batch's degradation: ``cond`` the network's conditioning image, ``display`` what an
+    "input" panel shows (nearest up-sampled low-res image / masked image), ``baseline`` the
+    bicubic / mean-fill estimate, ``mask`` (B, H, W, 1) with 1 = known (ones for SR) and ``known``
+    m * x (the known pixels; zeros for SR)."""
+
+    cond: Any
+    display: Any
+    baseline: Any
+    mask: Any
+    known: Any
 
 
 def _check_images(x, what: str = "images") -> None:
@@ -40,12 +104,6 @@ def upsample(x, factor: int, method: str = "bicubic"):
     _check_images(x)
     b, h, w, c = x.shape
     return jax.image.resize(x, (b, h * factor, w * factor, c), method=method)
-
-
-def super_resolution(x, factor: int):
-    """Returns (low_res, condition): the area down-sampled image and its bicubic up-sampling."""
-    low = area_downsample(x, factor)
-    return low, upsample(low, factor)
 
 
 def box_masks(key, shape, min_frac: float = 0.25, max_frac: float = 0.5, index=None):
@@ -128,6 +186,49 @@ def known_pixel_projection(process, y, mask):
     return project
 
 
+def masks(task: Task, key, shape, index=None):
+    """Per-example masks (B, H, W, 1) of an inpainting task, 1 = known; example i's mask depends
+    only on (key, i)."""
+    make = box_masks if task.mask == "box" else free_form_masks
+    return make(key, shape, index=index)
+
+
+def degrade_low_res(task: Task, low) -> Degraded:
+    """SR degradation from given low-resolution images (B, H/f, W/f, C)."""
+    f = task.factor
+    cond = upsample(low, f, "bicubic")
+    ones = jnp.ones(cond.shape[:3] + (1,), cond.dtype)
+    return Degraded(cond, upsample(low, f, "nearest"), cond, ones, jnp.zeros_like(cond))
+
+
+def degrade_masked(images, mask) -> Degraded:
+    """Inpainting degradation of ``images`` with given masks (B, H, W, 1)."""
+    known = images * mask
+    return Degraded(inpainting_condition(images, mask), known, mean_fill(images, mask), mask, known)
+
+
+def degrade(task: Task, images, key, index=None) -> Degraded | None:
+    """The task's degradation of clean ``images`` (B, H, W, C), None for unconditional generation;
+    ``key`` draws the masks (from fold_in(key, MASK_STREAM), per example with the global ``index``)."""
+    if task.name == "sr":
+        return degrade_low_res(task, area_downsample(images, task.factor))
+    if task.name == "inpaint":
+        return degrade_masked(images, masks(task, jax.random.fold_in(key, MASK_STREAM), images.shape, index))
+    return None
+
+
+def sample_with_known_pixels(denoiser, process, *, known, mask, enforce_known: bool = True, **sample_kwargs):
+    """:func:`spd_jax.diffusion.samplers.sample` for a conditioned ``denoiser``; with
+    ``enforce_known`` the known pixels ``known`` (= m * y, zeros elsewhere) are re-imposed after
+    every step through :func:`known_pixel_projection` and pasted exactly into the result (where
+    ``mask`` > 0.5). Returns (x, info)."""
+    if not enforce_known:
+        return samplers.sample(denoiser, process, **sample_kwargs)
+    project = known_pixel_projection(process, known, mask)
+    x, info = samplers.sample(denoiser, process, project=project, **sample_kwargs)
+    return jnp.where(mask > 0.5, known, x), info
+
+
 def psnr(reference, estimate, data_range: float = 2.0) -> np.ndarray:
     """Per-image PSNR (dB) with scikit-image, images in [-1, 1] (data range 2)."""
     from skimage.metrics import peak_signal_noise_ratio
@@ -147,3 +248,17 @@ def ssim(reference, estimate, data_range: float = 2.0) -> np.ndarray:
         [structural_similarity(r, e, data_range=data_range, channel_axis=-1, win_size=win)
          for r, e in zip(ref, est, strict=True)]
     )
+
+
+def paired_metrics(references, estimates) -> dict:
+    """PSNR and SSIM of ``estimates`` against ``references`` (paired, per image): mean, its
+    standard error, the median and the PSNR of the mean squared error over the set."""
+    p, s = psnr(references, estimates), ssim(references, estimates)
+    n = len(p)
+    return {
+        "psnr": float(p.mean()), "psnr_sem": float(p.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+        # the mean is dominated by near-flat images (PSNR >> 50 dB): also the median, and the PSNR of
+        # the mean squared error over the set (10 log10(range^2 / mean MSE))
+        "psnr_median": float(np.median(p)), "psnr_of_mean_mse": float(-10.0 * np.log10(np.mean(10.0 ** (-p / 10.0)))),
+        "ssim": float(s.mean()), "ssim_sem": float(s.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+    }

@@ -1,4 +1,4 @@
-"""Analytic testbeds (SPEC §7): exact denoisers checked against dense pixel-space Bayes, the
+"""Analytic testbeds (docs/math.md §7): exact denoisers checked against dense pixel-space Bayes, the
 finite-set identities, and the exact KL/W2 formulas and sampler laws."""
 
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import scipy.linalg
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spd_jax import analytic, processes, spectral, spectrum
+from spd_jax.diffusion import analytic, bases, processes, spectrum
 
 HW = (4, 4, 1)
 SPEC_DFT = spectrum.power_law(HW, c1=1.0, c2=0.5, m=1.5)
@@ -21,7 +21,7 @@ RNG = np.random.default_rng(0)
 def _pixel_operator(gain, basis):
     """Dense (16, 16) pixel-space matrix of the diagonal operator B^-1 diag(gain) B."""
     eye = np.eye(16).reshape(16, 4, 4, 1)
-    cols = spectral.from_spectral_np(gain * spectral.to_spectral_np(eye, basis), basis)
+    cols = bases.from_spectral_np(gain * bases.to_spectral_np(eye, basis), basis)
     return cols.reshape(16, 16).T
 
 
@@ -73,15 +73,15 @@ def test_gaussian_denoiser_is_exact_and_consistent(t, which):
     x_t = RNG.normal(size=(1,) + HW)
     pred = den(jnp.asarray(x_t, jnp.float32), jnp.full((1,), t))
     alpha, sigma = proc.marginal64(np.array([t]))
-    recon = alpha[0] * spectral.to_spectral_np(np.asarray(pred.x0), basis) + sigma[0] * spectral.to_spectral_np(
+    recon = alpha[0] * bases.to_spectral_np(np.asarray(pred.x0), basis) + sigma[0] * bases.to_spectral_np(
         np.asarray(pred.eps), basis)
-    np.testing.assert_allclose(spectral.from_spectral_np(recon, basis), x_t, atol=1e-4)
+    np.testing.assert_allclose(bases.from_spectral_np(recon, basis), x_t, atol=1e-4)
     x0, _ = _dense_mixture_posterior(proc, t, x_t[0], [1.0], MEAN[None], spec[None], basis)
     np.testing.assert_allclose(np.asarray(pred.x0[0]), x0, rtol=1e-3, atol=1e-4)
 
 
 def test_finite_set_score_identity_and_nearest_point_limit():
-    """SPEC §7.3: with F(x) = -s^2 log sum_i exp(-|x - x_i|^2 / (2 s^2)) (VE), grad F = s eps*."""
+    """docs/math.md §7.3: with F(x) = -s^2 log sum_i exp(-|x - x_i|^2 / (2 s^2)) (VE), grad F = s eps*."""
     proc = processes.vp_linear()
     points = RNG.uniform(-1, 1, (6,) + HW)
     den = analytic.finite_set_denoiser(proc, points, chunk=4)
@@ -130,9 +130,9 @@ def test_gmm_with_one_component_is_the_gaussian_denoiser():
 
 def test_kl_and_w2_equal_dense_pixel_space_values():
     mean_pix = RNG.uniform(-0.5, 0.5, HW)
-    law_var = SPEC_DFT * spectral.mirror(RNG.uniform(0.5, 2.0, HW)) * RNG.uniform(0.5, 2.0, HW)
-    law_var = 0.5 * (law_var + spectral.mirror(law_var))  # even in k: a real pixel covariance
-    law_mean = spectral.to_spectral_np(mean_pix[None], "dft")[0]
+    law_var = SPEC_DFT * bases.mirror(RNG.uniform(0.5, 2.0, HW)) * RNG.uniform(0.5, 2.0, HW)
+    law_var = 0.5 * (law_var + bases.mirror(law_var))  # even in k: a real pixel covariance
+    law_mean = bases.to_spectral_np(mean_pix[None], "dft")[0]
     kl = analytic.gaussian_kl(law_mean, law_var, SPEC_DFT)
     w2 = analytic.gaussian_w2(law_mean, law_var, SPEC_DFT)
     cov_out, cov_data = _pixel_operator(law_var, "dft"), _pixel_operator(SPEC_DFT, "dft")

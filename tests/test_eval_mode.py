@@ -1,6 +1,7 @@
-"""launch.py --mode=eval (spd_jax.eval_run) on a tiny digits checkpoint: report schema and files,
+"""launch.py --mode=eval (spd_jax.run.evaluate) on a tiny digits checkpoint: report schema and files,
 checkpoint step and EMA stamped, bad settings rejected before anything is written, resume after an
-interruption; and benchmarks/nfe_table.py's table merge (fake reports) and CPU smoke run."""
+interruption, one pipeline and file layout for an unconditional model and a task; and
+benchmarks/nfe_table.py's table merge (fake reports) and CPU smoke run."""
 
 import csv
 import json
@@ -11,8 +12,10 @@ import sys
 import pytest
 
 from benchmarks import nfe_table
-from spd_jax import eval_run, experiment
-from spd_jax.config_utils import ConfigError
+from spd_jax.run import evaluate as eval_run
+from spd_jax.run import train as experiment
+from spd_jax.run.checks import ConfigError
+from spd_jax.run.scoring import REPORT_SCHEMA
 from tests.test_train import ROOT, tiny
 
 SETTINGS = "gradient_estimation:3,ddim:2"
@@ -36,7 +39,7 @@ def test_report_schema_files_and_stamps(run_dir):
     report = eval_run.run(_config(metrics="", name="schema"), str(run_dir), verbose=False)
     out = run_dir / "eval" / "schema"
     assert report == json.loads((out / "report.json").read_text())
-    assert report["schema"] == "spd_jax.evaluate/1"
+    assert report["schema"] == REPORT_SCHEMA == "spd_jax.eval/2" and report["task"] == ""
     assert report["metrics"] == ["pixel_fd", "swd", "classifier_score", "classifier_confidence", "classifier_fd"]
     assert report["protocol"]["weights"] == "ema" and report["protocol"]["num_samples"] == 24
     assert report["protocol"]["reference"] == {"name": "digits/test", "num_images": 359}
@@ -46,8 +49,10 @@ def test_report_schema_files_and_stamps(run_dir):
     assert [(s["method"], s["nfe_requested"], s["nfe"]) for s in report["settings"]] == [
         ("gradient_estimation", 3, 3), ("ddim", 2, 2)]
     assert report["floor"]["name"] == "digits/train" and report["floor"]["num_images"] == 24
+    assert report["baseline"] is None
     assert json.loads((out / "run.json").read_text())["checkpoint_step"] == 2
-    for name in [report["files"]["plot"], *report["files"]["grids"]]:
+    assert report["files"]["grids"] == ["settings/gradient_estimation_nfe3/grid.png", "settings/ddim_nfe2/grid.png"]
+    for name in [report["files"]["record"], report["files"]["plot"], *report["files"]["grids"]]:
         assert (out / name).stat().st_size > 0
 
 
@@ -68,7 +73,7 @@ def test_default_folder_is_named_after_the_checkpoint_step(run_dir):
         ("ddim:5,dimm:5", "unknown sampler 'dimm' (did you mean 'ddim'?)"),
         ("ddim:5, ddim:5", "lists 'ddim:5' twice"),
         ("predict_project:1", "needs at least 2 NFE"),
-        ("ddm_bridge:5", "expected a method other than 'ddm_bridge' for the 'eps' head"),
+        ("smd:5", "expected a method other than 'smd' for a model without latent network"),
         (" , ", "is empty"),
     ],
 )
@@ -94,8 +99,8 @@ def test_interrupted_evaluation_resumes_without_recomputing(run_dir, monkeypatch
     calls = []
 
     def counting(stop_at=None):
-        def make(config, restored, batch):
-            generate = real(config, restored, batch)
+        def make(*args, **kwargs):
+            generate = real(*args, **kwargs)
 
             def wrapped(method, nfe, key, num, offset):
                 if (method, nfe) == stop_at:
@@ -111,7 +116,7 @@ def test_interrupted_evaluation_resumes_without_recomputing(run_dir, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         eval_run.run(_config(name="resume"), str(run_dir), verbose=False)
     assert calls == [("gradient_estimation", 3, 0)]
-    first = json.loads((run_dir / "eval" / "resume" / "settings" / "gradient_estimation_nfe003" / "result.json")
+    first = json.loads((run_dir / "eval" / "resume" / "settings" / "gradient_estimation_nfe3" / "result.json")
                        .read_text())
     calls.clear()
     monkeypatch.setattr(eval_run, "make_generate", counting())
@@ -122,6 +127,32 @@ def test_interrupted_evaluation_resumes_without_recomputing(run_dir, monkeypatch
         changed = _config(name="resume")
         changed.sample.clip_x0 = False
         eval_run.run(changed, str(run_dir), verbose=False)
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_one_pipeline_and_layout_for_an_unconditional_model_and_a_task(run_dir, tmp_path):
+    # the same run() evaluates a task model: example i conditioned on held-out image i, PSNR / SSIM
+    # against it beside the bicubic baseline, in the same files as the unconditional evaluation
+    task_config = tiny("patches_sr4")
+    task_config.sample.grid_images = 0
+    experiment.train(task_config, str(tmp_path))
+    task_config.eval.update(settings="ddim:2", num_samples=6, grid_images=4, name="layout")
+    task = eval_run.run(task_config, str(tmp_path), verbose=False)
+    plain = eval_run.run(_config(settings="ddim:2", name="layout"), str(run_dir), verbose=False)
+    assert (plain["task"], task["task"]) == ("", "sr")
+    assert set(plain) == set(task) and set(plain["settings"][0]) == set(task["settings"][0])
+    assert plain["schema"] == task["schema"] and set(plain["description"]) == set(task["description"])
+    assert task["metrics"] == ["psnr", "psnr_sem", "psnr_median", "psnr_of_mean_mse", "ssim", "ssim_sem"]  # 8 px
+    assert task["baseline"]["name"] == "bicubic" and task["floor"] is None
+    assert plain["floor"]["name"] == "digits/train" and plain["baseline"] is None
+    common = ["quality_vs_nfe.png", "report.json", "run.json", "settings/{}ddim_nfe2/grid.png",
+              "settings/{}ddim_nfe2/result.json", "settings/{}ddim_nfe2/samples_00000.npz"]
+    assert _files(run_dir / "eval" / "layout") == sorted([n.format("") for n in common] + ["floor.json"])
+    assert _files(tmp_path / "eval" / "layout") == sorted([n.format("sr4_") for n in common]
+                                                          + ["baseline.json", "paired.npz"])
 
 
 def test_missing_checkpoint_step_is_named(run_dir):
@@ -222,3 +253,36 @@ def test_nfe_table_reruns_a_failed_worker_alone_with_the_whole_memory_share(tmp_
     assert lines.index("start digits/vp_linear 0.750 false") > lines.index("end digits/spd")  # alone
     assert failed == ([] if mode == "once" else ["digits/vp_linear"])
     assert (tmp_path / "out" / "nfe_table.md").read_text() == "(no finished settings yet)\n"
+
+
+def test_two_processes_evaluate_together_and_match_one_process(run_dir):
+    """Each process draws its share of every chunk, every process gets the whole sample set and
+    scores it, process 0 writes: the report equals a one-process evaluation's."""
+    import socket
+
+    one = eval_run.run(_config(settings="ddim:2", name="one_process", floor=False), str(run_dir), verbose=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "import sys, json, jax\n"
+        f"jax.distributed.initialize('127.0.0.1:{port}', num_processes=2, process_id=int(sys.argv[1]))\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "from tests.test_eval_mode import _config\n"
+        "from spd_jax.run import evaluate\n"
+        "config = _config(settings='ddim:2', name='two_processes', floor=False)\n"
+        f"report = evaluate.run(config, {str(run_dir)!r}, verbose=False)\n"
+        "print(json.dumps(report['settings'][0]['metrics']))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    written = json.loads((run_dir / "eval" / "two_processes" / "report.json").read_text())
+    for metrics in [json.loads(outs[0][0].strip().splitlines()[-1]), json.loads(outs[1][0].strip().splitlines()[-1]),
+                    written["settings"][0]["metrics"]]:
+        assert metrics.keys() == one["settings"][0]["metrics"].keys()
+        for name, value in one["settings"][0]["metrics"].items():
+            assert abs(metrics[name] - value) <= 1e-3 * abs(value) + 1e-4, (name, metrics[name], value)

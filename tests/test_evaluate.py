@@ -1,14 +1,16 @@
-"""evaluate(): report schema, resume after an interruption, the FID small-sample protocol, and the
-sampler adapter's per-example seeds."""
+"""The evaluation engine (spd_jax.run.scoring.evaluate): report schema, resume after an interruption,
+the FID small-sample protocol, paired task metrics beside a baseline, and the sampler adapter's
+per-example seeds."""
 
 import json
 
 import numpy as np
 import pytest
 
-from spd_jax import evaluate as ev
+from spd_jax import images, tasks
 from spd_jax.data import load_digits
 from spd_jax.metrics import inception, protocol
+from spd_jax.run import scoring as ev
 
 SETTINGS = [("ddim", 5), ("ddim", 10), ("gradient_estimation", 5)]
 TRAIN, TEST = load_digits("train"), load_digits("test")
@@ -41,7 +43,9 @@ def test_report_schema_and_files(tmp_path):
                   description={"process": "vp_linear", "clip_x0": True})
     assert report == json.loads((tmp_path / "report.json").read_text())
     assert report["schema"] == ev.REPORT_SCHEMA
-    assert set(report) == {"schema", "created", "protocol", "metrics", "description", "settings", "floor", "files"}
+    assert set(report) == {"schema", "created", "task", "protocol", "metrics", "description", "settings", "floor",
+                           "baseline", "files"}
+    assert report["task"] == "" and report["baseline"] is None and report["files"]["paired"] is None
     stamp = report["protocol"]
     assert stamp["protocol"] == protocol.PROTOCOL and stamp["num_samples"] == 50 and stamp["weights"] == "ema"
     assert stamp["reference"] == {"name": "digits/test", "num_images": len(TEST)}
@@ -49,13 +53,38 @@ def test_report_schema_and_files(tmp_path):
     assert [(s["method"], s["nfe_requested"]) for s in report["settings"]] == SETTINGS
     for setting in report["settings"]:
         assert {"method", "nfe_requested", "nfe", "aux_nfe", "num_samples", "metrics", "sample_seconds",
-                "metric_seconds"} <= set(setting)
+                "metric_seconds", "note", "stem"} <= set(setting)
         assert all(np.isfinite(v) for v in setting["metrics"].values())
     assert report["floor"]["name"] == "digits/train" and report["floor"]["num_images"] == 50
     by_nfe = {s["nfe"]: s["metrics"]["pixel_fd"] for s in report["settings"] if s["method"] == "ddim"}
     assert by_nfe[10] < by_nfe[5]  # less noise, closer to the data
-    for name in [report["files"]["plot"], *report["files"]["grids"]]:
+    assert report["files"]["grids"][0] == "settings/ddim_nfe5/grid.png"
+    for name in [report["files"]["record"], report["files"]["plot"], *report["files"]["grids"]]:
         assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "run.json").read_text())["num_samples"] == 50
+
+
+def test_paired_metrics_beside_the_baseline(tmp_path):
+    # a task: example i is scored against reference i; the baseline is scored like the samples
+    refs = TEST[:50]
+    paired = ev.Paired(refs, inputs=np.zeros_like(refs), baseline=np.clip(refs + 0.3, -1, 1), baseline_name="mean_fill")
+    report = _run(tmp_path, CountingGenerate(), reference_images=refs, paired=paired, metrics=["psnr", "ssim", "swd"],
+                  task=tasks.Task("inpaint"), notes={("ddim", 5): "a note"})
+    assert report["task"] == "inpaint" and report["floor"] is None
+    assert report["metrics"] == ["psnr", "psnr_sem", "psnr_median", "psnr_of_mean_mse", "ssim", "ssim_sem", "swd"]
+    assert report["baseline"]["name"] == "mean_fill" and report["baseline"]["num_images"] == 50
+    rows = {(s["method"], s["nfe"]): s for s in report["settings"]}
+    assert rows[("ddim", 5)]["note"] == "a note" and rows[("ddim", 5)]["stem"] == "inpaint_box_ddim_nfe5"
+    assert rows[("ddim", 10)]["metrics"]["psnr"] != rows[("ddim", 5)]["metrics"]["psnr"]
+    assert np.isfinite(report["baseline"]["metrics"]["psnr"]) and -1 <= report["baseline"]["metrics"]["ssim"] <= 1
+    stored = np.load(tmp_path / report["files"]["paired"])
+    assert stored["references"].shape == (50, 8, 8, 1) and stored["references"].dtype == np.uint8
+    grid = np.asarray(images.grid([refs[:64], refs[:64], refs[:64]], min_cell=32))
+    from PIL import Image
+
+    assert np.asarray(Image.open(tmp_path / report["files"]["grids"][0])).shape[:2] == grid.shape[:2]  # 3 panels
+    with pytest.raises(ValueError, match="paired_references"):
+        _run(tmp_path / "unpaired", CountingGenerate(), metrics=["psnr"])
 
 
 def test_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
@@ -85,8 +114,12 @@ def test_resume_refuses_a_workdir_with_other_samples(tmp_path):
     with pytest.raises(ValueError, match="num_samples"):
         _run(tmp_path, CountingGenerate(), settings=SETTINGS[:1], num_samples=60)
     fresh = CountingGenerate()
-    _run(tmp_path, fresh, settings=SETTINGS[:1], num_samples=60, resume=False)
+    _run(tmp_path, fresh, settings=SETTINGS[:1], num_samples=60, resume=False, knobs={SETTINGS[0]: {"eta": 0.0}})
     assert len(fresh.calls) == 3
+    # per-setting knobs must match for the settings both runs hold; another setting may differ
+    with pytest.raises(ValueError, match=r"holds an evaluation with different \['ddim:5'\]"):
+        _run(tmp_path, CountingGenerate(), settings=SETTINGS[:1], num_samples=60, knobs={SETTINGS[0]: {"eta": 1.0}})
+    _run(tmp_path, CountingGenerate(), settings=SETTINGS[:2], num_samples=60, knobs={SETTINGS[1]: {"eta": 1.0}})
 
 
 class FakeInception:
@@ -118,8 +151,8 @@ def test_fid_small_sample_protection(tmp_path, monkeypatch):
 
 
 def test_sampler_generate_uses_per_example_seeds():
-    from spd_jax.analytic import gaussian_denoiser
-    from spd_jax.processes import vp_linear
+    from spd_jax.diffusion.analytic import gaussian_denoiser
+    from spd_jax.diffusion.processes import vp_linear
 
     process = vp_linear()
     denoiser = gaussian_denoiser(process, np.full((8, 8, 1), 0.3))

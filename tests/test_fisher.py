@@ -5,31 +5,31 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spd_jax import fisher, processes, spectrum
+from spd_jax.diffusion import fisher, processes, spectrum
 
 SHAPE = (8, 8, 2)
-SPEC = spectrum.power_law(SHAPE)
+SPECTRUM = spectrum.power_law(SHAPE)
 POINTS = 2**13
 
 
 def test_shortest_length_closed_form_and_preset_value():
-    np.testing.assert_allclose(fisher.shortest_length(SPEC), np.sqrt(0.5 * np.sum(np.log(SPEC[..., 0]) ** 2)))
-    # SPEC §3.2: the CIFAR-10 preset at 32x32 has L* = 101.30 per channel
+    np.testing.assert_allclose(fisher.shortest_length(SPECTRUM), np.sqrt(0.5 * np.sum(np.log(SPECTRUM[..., 0]) ** 2)))
+    # docs/math.md §3.2: the CIFAR-10 preset at 32x32 has L* = 101.30 per channel
     np.testing.assert_allclose(fisher.shortest_length(spectrum.power_law((32, 32, 1))), 101.30, atol=0.005)
 
 
 def test_spd_path_length_equals_the_shortest_length():
-    length = fisher.path_length(processes.spd(SPEC), SPEC, num_points=POINTS)
-    np.testing.assert_allclose(length, fisher.shortest_length(SPEC), rtol=5e-3)
+    length = fisher.path_length(processes.spd(SPECTRUM), SPECTRUM, num_points=POINTS)
+    np.testing.assert_allclose(length, fisher.shortest_length(SPECTRUM), rtol=5e-3)
     # and the numerical integral has converged (polyline lengths converge from below)
-    finer = fisher.path_length(processes.spd(SPEC), SPEC, num_points=2 * POINTS)
+    finer = fisher.path_length(processes.spd(SPECTRUM), SPECTRUM, num_points=2 * POINTS)
     assert np.all(finer >= length - 1e-9) and np.all(finer - length < 1e-6 * length)
 
 
 def test_geodesic_variance_is_the_spd_marginal_variance():
     t = np.linspace(0, 1, 7)
-    alpha, sigma = processes.spd(SPEC).marginal64(t)
-    np.testing.assert_allclose(fisher.geodesic_variance(SPEC, t), alpha**2 * SPEC + sigma**2, rtol=1e-12)
+    alpha, sigma = processes.spd(SPECTRUM).marginal64(t)
+    np.testing.assert_allclose(fisher.geodesic_variance(SPECTRUM, t), alpha**2 * SPECTRUM + sigma**2, rtol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -38,16 +38,16 @@ def test_geodesic_variance_is_the_spd_marginal_variance():
     ids=lambda p: p.name,
 )
 def test_every_other_process_ending_at_white_noise_is_longer(proc):
-    start, end = fisher.endpoint_gaps(proc, SPEC)
+    start, end = fisher.endpoint_gaps(proc, SPECTRUM)
     assert np.all(start < 1e-9)
-    length = fisher.path_length(proc, SPEC, num_points=POINTS)
-    shortest = fisher.shortest_length(SPEC)
+    length = fisher.path_length(proc, SPECTRUM, num_points=POINTS)
+    shortest = fisher.shortest_length(SPECTRUM)
     # with an endpoint gap the fair comparison is the geodesic from S to the process's own end
     assert np.all(length > shortest + end + 1e-3 * shortest) or np.all(length > shortest * 1.01)
 
 
 def test_reference_lengths_of_spec_table():
-    """SPEC §3.4 (preset spectrum, 32x32): DDM 104.98, RF 105.44, cosine 106.63 per channel."""
+    """docs/math.md §3.4 (preset spectrum, 32x32): DDM 104.98, RF 105.44, cosine 106.63 per channel."""
     spec = spectrum.power_law((32, 32, 1))
     for proc, expected in ((processes.ddm_constant(), 104.98), (processes.vp_cosine(), 106.63)):
         np.testing.assert_allclose(fisher.path_length(proc, spec, num_points=2**12), expected, atol=0.01)
@@ -55,14 +55,14 @@ def test_reference_lengths_of_spec_table():
 
 @given(eps=st.floats(0.01, 0.24))
 def test_deviations_from_the_geodesic_are_longer(eps):
-    dev = fisher.deviation_length(SPEC, eps, num_points=2**10)
-    assert np.all(dev > fisher.path_length(processes.spd(SPEC), SPEC, num_points=2**10))
+    dev = fisher.deviation_length(SPECTRUM, eps, num_points=2**10)
+    assert np.all(dev > fisher.path_length(processes.spd(SPECTRUM), SPECTRUM, num_points=2**10))
 
 
 def test_constant_direction_is_only_a_retiming():
-    """h constant: the same path at non-constant speed, so the same length (SPEC §3.5)."""
-    same = fisher.deviation_length(SPEC, 0.2, direction=1.0, num_points=POINTS)
-    np.testing.assert_allclose(same, fisher.shortest_length(SPEC), rtol=1e-6)
+    """h constant: the same path at non-constant speed, so the same length (docs/math.md §3.5)."""
+    same = fisher.deviation_length(SPECTRUM, 0.2, direction=1.0, num_points=POINTS)
+    np.testing.assert_allclose(same, fisher.shortest_length(SPECTRUM), rtol=1e-6)
 
 
 def test_deviation_ratios_match_spec_on_the_preset():
@@ -74,4 +74,4 @@ def test_deviation_ratios_match_spec_on_the_preset():
 
 def test_spectrum_shape_mismatch_is_rejected():
     with pytest.raises(ValueError, match="does not match the process grid"):
-        fisher.path_length(processes.spd(SPEC), spectrum.power_law((4, 4, 2)))
+        fisher.path_length(processes.spd(SPECTRUM), spectrum.power_law((4, 4, 2)))

@@ -1,4 +1,4 @@
-"""Time grids (SPEC §0 "Grids", §6.3, §6.8): monotone, hitting their endpoints, and reproducing the
+"""Time grids (docs/math.md §0 "Grids", §6.3, §6.8): monotone, hitting their endpoints, and reproducing the
 published GE, EDM, SPD and ADM grids."""
 
 import numpy as np
@@ -6,14 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spd_jax import grids, processes, spectrum
+from spd_jax.diffusion import grids, processes, spectrum
 
-SPEC = spectrum.power_law((4, 4, 1), c1=1.0, c2=0.5, m=1.5)
+SPECTRUM = spectrum.power_law((4, 4, 1), c1=1.0, c2=0.5, m=1.5)
 PROCESSES = {
     "vp_linear": processes.vp_linear(),
     "vp_cosine": processes.vp_cosine(),
     "blurring": processes.blurring((4, 4, 1)),
-    "spd": processes.spd(SPEC),
+    "spd": processes.spd(SPECTRUM),
     "ddm_constant": processes.ddm_constant(),
     "rectified_flow": processes.rectified_flow(),
 }
@@ -39,8 +39,26 @@ def test_log_linear_grid_is_geometric_in_the_reference_level(name):
     levels = grids.log_linear(proc, 12)
     ref = grids.reference_level(proc, levels[:-1])
     np.testing.assert_allclose(np.diff(np.log(ref)), np.log(ref[1] / ref[0]), rtol=1e-7)
-    np.testing.assert_allclose(ref[[0, -1]], grids.reference_level(proc, [grids.T_MAX, grids.T_END]),
-                               rtol=1e-9)
+    top, floor = grids.reference_level(proc, [grids.T_MAX, 0.0])  # blurring's floor: sigma_0 = 0.0067
+    np.testing.assert_allclose(ref[[0, -1]], [top, max(grids.SIGMA_END, floor)], rtol=1e-9)
+
+
+@pytest.mark.parametrize("grid", ["log_linear", "karras"])
+def test_level_grids_end_at_the_same_reference_level_for_every_process(grid):
+    """docs/math.md §0 "Grids": the clean end is one process-independent reference level, not a t."""
+    for name, proc in PROCESSES.items():
+        floor = grids.reference_level(proc, [0.0])[0]  # blurring never reaches zero noise
+        levels = grids.make(grid, proc, 8)
+        end = grids.reference_level(proc, levels[-2:-1])[0]
+        assert end == pytest.approx(max(grids.SIGMA_END, floor), rel=1e-9), name
+        levels = grids.make(grid, proc, 8, sigma_end=0.05)
+        assert grids.reference_level(proc, levels[-2:-1])[0] == pytest.approx(0.05, rel=1e-9), name
+    # an explicit t_end still overrides the level; discrete processes end at their first level or above
+    levels = grids.make(grid, PROCESSES["vp_linear"], 8, t_end=1e-3)
+    assert levels[-2] == pytest.approx(1e-3, rel=1e-9)
+    disc = processes.vp_linear(num_steps=1000)
+    levels = grids.make(grid, disc, 8)
+    assert grids.reference_level(disc, levels[-2:-1])[0] >= grids.SIGMA_END
 
 
 def test_reference_level_is_the_geometric_mean_of_sigma_over_alpha():
@@ -80,7 +98,7 @@ def test_karras_grid_reproduces_edm_defaults():
     t_max, t_end = grids.time_at_level(proc, [80.0, 0.002], 1e-9, 1.0)
     levels = grids.make("karras", proc, 10, t_max=t_max, t_end=t_end, rho=7.0)
     edm = [80, 42.42, 21.11, 9.72, 4.07, 1.50, 0.470, 0.117, 0.0204, 0.002]
-    # the SPEC lists these rounded to 3-4 digits
+    # the SPECTRUM lists these rounded to 3-4 digits
     np.testing.assert_allclose(grids.reference_level(proc, levels[:-1]), edm, rtol=5e-3)
 
 
@@ -118,6 +136,8 @@ def test_bad_grid_requests_raise():
         grids.make("karras", proc, 5, rh0=7)
     with pytest.raises(ValueError, match="t_end"):
         grids.make("log_linear", proc, 5, t_end=0.9999)
+    with pytest.raises(ValueError, match="sigma_end"):
+        grids.make("log_linear", proc, 5, sigma_end=-1.0)
     with pytest.raises(ValueError, match="num_steps"):
         grids.make("uniform_t", proc, 0)
     with pytest.raises(ValueError, match="discrete VP"):

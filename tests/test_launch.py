@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from spd_jax import config_utils
+from spd_jax.run import checks
 from tests.test_train import CONFIGS, ROOT, tiny
 
 
@@ -47,44 +47,44 @@ def test_bad_value_stops_before_writing_anything(tmp_path, override, message):
         ("sample.nfe", 0, "config.sample.nfe = 0"),
         ("model.channel_mult", (1, 2, 2, 2, 2), "divisible by 2^(levels - 1)"),
         ("train.ema", 1.0, "config.train.ema = 1.0"),
-        ("sample.method", "ddm_bridge", "a method other than 'ddm_bridge' for the 'eps' head"),
+        ("sample.method", "smd", "a method other than 'smd' for a model without latent network"),
     ],
 )
 def test_validate_names_the_field_and_the_expectation(field, value, message):
     config = tiny("digits_spd")
     section, key = field.split(".")
     config[section][key] = value
-    with pytest.raises(config_utils.ConfigError) as err:
-        config_utils.validate(config, device_count=1)
+    with pytest.raises(checks.ConfigError) as err:
+        checks.validate(config, device_count=1)
     assert message in str(err.value)
 
 
 def test_batch_must_divide_over_devices_and_processes():
     config = tiny("digits_spd")
     config.train.batch_size = 6
-    with pytest.raises(config_utils.ConfigError, match="a multiple of the device count \\(4\\)"):
-        config_utils.validate(config, device_count=4)
-    with pytest.raises(config_utils.ConfigError, match="a multiple of the process count \\(4\\)"):
-        config_utils.validate(config, device_count=2, process_count=4)
+    with pytest.raises(checks.ConfigError, match="a multiple of the device count \\(4\\)"):
+        checks.validate(config, device_count=4)
+    with pytest.raises(checks.ConfigError, match="a multiple of the process count \\(4\\)"):
+        checks.validate(config, device_count=2, process_count=4)
 
 
 def test_unknown_sampler_option_is_rejected():
     config = tiny("digits_spd")
     config.sample.options.gama = 2.0
-    with pytest.raises(config_utils.ConfigError, match="did you mean 'gamma'"):
-        config_utils.validate(config, device_count=1)
+    with pytest.raises(checks.ConfigError, match="did you mean 'gamma'"):
+        checks.validate(config, device_count=1)
 
 
 def test_unwritable_workdir_is_rejected(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(config_utils.ConfigError, match="not a directory"):
-        config_utils.check_workdir(str(blocker))
-    with pytest.raises(config_utils.ConfigError, match="cannot be created"):
-        config_utils.check_workdir(str(blocker / "run"))
+    with pytest.raises(checks.ConfigError, match="not a directory"):
+        checks.check_workdir(str(blocker))
+    with pytest.raises(checks.ConfigError, match="cannot be created"):
+        checks.check_workdir(str(blocker / "run"))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_shipped_config_is_valid(name):
     config = importlib.import_module(f"configs.{name}").get_config()
-    config_utils.validate(config, device_count=1)
+    checks.validate(config, device_count=1)

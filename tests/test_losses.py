@@ -1,4 +1,4 @@
-"""Training objectives (SPEC §5): every model family fits a tiny batch; the losses' claims hold."""
+"""Training objectives (docs/math.md §5): every model family fits a tiny batch; the losses' claims hold."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-from spd_jax import losses, processes, spectral
+from spd_jax import losses
+from spd_jax.diffusion import bases, processes
+from spd_jax.diffusion.parameterization import Prediction
 from spd_jax.models import UNet, model_projection, smd_net
-from spd_jax.parameterization import Prediction
 from tests.test_models import random_variables
 
 # tests compile many small programs: skip LLVM optimisation (same numerics, 2-4x faster compiles)
@@ -56,12 +57,12 @@ def fit(loss_fn, variables, batch, steps=30, lr=3e-3):
 
 
 def toy_spectrum():
-    mag = spectral.frequency_magnitude(IMAGE[0], IMAGE[1], "dft")
+    mag = bases.frequency_magnitude(IMAGE[0], IMAGE[1], "dft")
     return (2.0 / (0.5 + mag) ** 2)[:, :, None]
 
 
 def gaussian_denoiser(process, data_var):
-    """Exact denoiser for x_0 ~ N(0, data_var I) under a scalar process (SPEC §7.1)."""
+    """Exact denoiser for x_0 ~ N(0, data_var I) under a scalar process (docs/math.md §7.1)."""
 
     def denoiser(x_t, t, *, key=None):
         alpha, sigma = process.marginal(t)
@@ -116,7 +117,7 @@ def test_projection_loss_fits_a_tiny_batch():
     assert after < 0.75 * before, (before, after)
 
 
-# ---- DDM dual loss (SPEC §5.2) --------------------------------------------------------------
+# ---- DDM dual loss (docs/math.md §5.2) --------------------------------------------------------------
 
 
 class DDMOracle:
@@ -201,7 +202,7 @@ def test_training_times_are_per_example_and_respect_discrete_levels():
     np.testing.assert_array_equal(shifted, full[5:])
 
 
-# ---- SMD (SPEC §5.3) ---------------------------------------------------------------------------
+# ---- SMD (docs/math.md §5.3) ---------------------------------------------------------------------------
 
 
 class TwoPointOracle:
@@ -221,7 +222,7 @@ class TwoPointOracle:
 
 
 def test_smd_single_eta_loss_prefers_the_mean_and_the_mixture_loss_rewards_the_latent():
-    """SPEC §5.3: the official single-eta MSE is minimised by ignoring eta, while the K-sample
+    """docs/math.md §5.3: the official single-eta MSE is minimised by ignoring eta, while the K-sample
     log-mean-exp loss prefers a model that uses eta to pick a mode of a bimodal reverse step."""
     process, amplitude, size = processes.vp_linear(), 0.5, 512
     signs = np.where(np.random.default_rng(8).uniform(size=size) < 0.5, -1.0, 1.0)
@@ -246,7 +247,7 @@ def test_smd_single_eta_loss_prefers_the_mean_and_the_mixture_loss_rewards_the_l
     assert mixture(mode_model) < 0.5 * mixture(mean_model)
 
 
-# ---- predict-project projection network (SPEC §5.4) -------------------------------------------
+# ---- predict-project projection network (docs/math.md §5.4) -------------------------------------------
 
 
 class Scale(nn.Module):
@@ -259,8 +260,8 @@ class Scale(nn.Module):
 
 def test_projection_loss_minimiser_matches_the_closed_form():
     """T*(x) = 2/(2 + sqrt(beta)) (E[m_t' | x_pred = x] - x) for Gaussian data, VP-linear, an exact
-    score model and beta = beta_VP(t')/2 (SPEC §5.4)."""
-    data_var, t, dt = 0.8, 0.2, 0.05
+    score model and beta = g^2(t) dt = beta_VP(t) dt at the step's start (docs/math.md §5.4)."""
+    data_var, t, dt = 0.8, 0.4, 0.1
     process = processes.vp_linear()
     batch = {"image": normal(10, (1024,) + IMAGE, np.sqrt(data_var)), "t": jnp.full((1024,), t)}
     loss_fn = losses.make_projection_loss(
@@ -280,14 +281,30 @@ def test_projection_loss_minimiser_matches_the_closed_form():
         return np.exp(-0.5 * integral), -np.expm1(-integral), 0.1 + 19.9 * s
 
     alpha, sigma2, beta = vp(t)
-    alpha_next, _, beta_next = vp(t - dt)
+    alpha_next, _, _ = vp(t - dt)
     var = alpha**2 * data_var + sigma2
     gain = 1.0 + 0.5 * beta * dt - beta * dt / var  # x_pred = gain * x_t (f = -beta/2, g^2 = beta)
     regression = alpha_next * alpha * data_var / (gain * var)  # E[m | x_pred] = regression * x_pred
-    expected = 2.0 / (2.0 + np.sqrt(beta_next / 2.0)) * (regression - 1.0)
+    expected = 2.0 / (2.0 + np.sqrt(beta * dt)) * (regression - 1.0)
     assert abs(w_star - expected) < 0.01, (w_star, expected)
     assert abs(regression - 1.0 - expected) > 0.05  # the shrinkage is visible
     # a trained T_theta is read back as projection(x_pred, t_next)
     x = batch["image"][:2]
     projection = model_projection(Scale(), {"params": {"w": w_star}})
     np.testing.assert_allclose(projection(x, jnp.full((2,), t - dt)), w_star * x, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vp_linear", "spd"])
+def test_projection_loss_and_predict_project_sampler_use_one_beta(name):
+    """The trained projection network and the training-free sampler shrink by the same
+    2/(2 + sqrt(beta)), beta = g^2(t) dt at each step's start, on every frequency."""
+    from spd_jax.diffusion import samplers, spectrum
+
+    process = processes.vp_linear() if name == "vp_linear" else processes.spd(spectrum.power_law((8, 8, 1)))
+    plan = samplers.plan(process, method="predict_project", num_steps=20, grid="uniform_t")
+    levels = np.asarray(plan.grid)
+    for i in (0, 7, 15):
+        t, dt = levels[i], levels[i] - levels[i + 1]
+        beta = np.asarray(losses.default_projection_beta(process, jnp.full((1,), t, jnp.float32), dt))
+        shrink = np.broadcast_to(np.asarray(plan.tables["shrink"][i]), np.shape(beta)[1:])
+        np.testing.assert_allclose(2.0 / (2.0 + np.sqrt(beta[0])), shrink, rtol=2e-3)

@@ -1,4 +1,4 @@
-"""Networks (SPEC §8): U-Net, prediction heads, DDM dual decoder, SMD latent net + hypernetwork."""
+"""Networks (docs/math.md §8): U-Net, prediction heads, DDM dual decoder, SMD latent net + hypernetwork."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spd_jax import processes, spectral
+from spd_jax.diffusion import bases, processes
 from spd_jax.models import (
     HEADS,
     HyperAdapter,
@@ -68,7 +68,7 @@ def dual_unet():
 
 def toy_spd_process():
     h, w, _ = SHAPE[1:]
-    mag = spectral.frequency_magnitude(h, w, "dft")
+    mag = bases.frequency_magnitude(h, w, "dft")
     return processes.spd((2.0 / (0.5 + mag) ** 2)[:, :, None])
 
 
@@ -199,7 +199,7 @@ def test_time_labels():
 
 
 def test_hypernetwork_efficient_form_equals_explicit_matrices():
-    """u (u . h') + softplus(s) h' == (u u^T + softplus(s) I) h', layer by layer (SPEC §8)."""
+    """u (u . h') + softplus(s) h' == (u u^T + softplus(s) I) h', layer by layer (docs/math.md §8)."""
     d, width = 12, 10
     h, z = normal(0, (2, 4, 4, width)), normal(1, (2, 4, 4, d))
     fast = HyperAdapter(d, depth=3)

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from spd_jax import parameterization as param
-from spd_jax import processes, spectrum
+from spd_jax.diffusion import parameterization as param
+from spd_jax.diffusion import processes, spectrum
 
 SHAPE = (8, 8, 3)
 PROCS = {

@@ -1,4 +1,4 @@
-"""Processes: closed forms, validity (SPEC V1-V3), transitions, posteriors and sampling laws."""
+"""Processes: closed forms, validity (docs/math.md §1.3 V1-V3), transitions, posteriors and sampling laws."""
 
 import chex
 import jax
@@ -9,10 +9,10 @@ from absl.testing import parameterized
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spd_jax import processes, spectral, spectrum
+from spd_jax.diffusion import bases, processes, spectrum
 
 SHAPE = (8, 8, 2)
-SPEC = spectrum.power_law(SHAPE)  # the CIFAR-10 preset on an 8x8 grid (S spans 2e4 .. 0.04)
+SPECTRUM = spectrum.power_law(SHAPE)  # the CIFAR-10 preset on an 8x8 grid (S spans 2e4 .. 0.04)
 
 
 def all_processes():
@@ -22,8 +22,8 @@ def all_processes():
         processes.vp_cosine(),
         processes.blurring(SHAPE),
         processes.ihdm(SHAPE, num_levels=20),
-        processes.spd(SPEC),
-        processes.spd(SPEC, deviation=0.1),
+        processes.spd(SPECTRUM),
+        processes.spd(SPECTRUM, deviation=0.1),
         processes.ddm_constant(),
         processes.rectified_flow(),
     ]
@@ -43,18 +43,18 @@ def test_ddm_constant_is_image_to_zero_plus_zero_to_noise():
 
 
 def test_spd_marginal_variance_is_the_geodesic_closed_form():
-    """alpha^2 S + sigma^2 = S^(1-t) at every frequency (SPEC §2.5)."""
+    """alpha^2 S + sigma^2 = S^(1-t) at every frequency (docs/math.md §2.5)."""
     t = np.linspace(0, 1, 21)
-    alpha, sigma = processes.spd(SPEC).marginal64(t)
-    expected = SPEC[None] ** (1 - t[:, None, None, None])
-    np.testing.assert_allclose(alpha**2 * SPEC + sigma**2, expected, rtol=1e-12)
-    a32, s32 = processes.spd(SPEC).marginal(jnp.asarray(t, jnp.float32))
-    np.testing.assert_allclose(a32**2 * SPEC + s32**2, expected, rtol=2e-5)
+    alpha, sigma = processes.spd(SPECTRUM).marginal64(t)
+    expected = SPECTRUM[None] ** (1 - t[:, None, None, None])
+    np.testing.assert_allclose(alpha**2 * SPECTRUM + sigma**2, expected, rtol=1e-12)
+    a32, s32 = processes.spd(SPECTRUM).marginal(jnp.asarray(t, jnp.float32))
+    np.testing.assert_allclose(a32**2 * SPECTRUM + s32**2, expected, rtol=2e-5)
 
 
 def test_spd_handles_unit_spectrum_with_its_limit():
     """S = 1 exactly (log S = 0) uses the limit abar = 1 - t, sigma^2 = t: no 0/0."""
-    spec = SPEC.copy()
+    spec = SPECTRUM.copy()
     spec[0, 1] = spec[0, -1] = 1.0
     alpha, sigma = processes.spd(spec).marginal64(np.array([0.25, 0.5]))
     np.testing.assert_allclose(alpha[:, 0, 1, 0] ** 2, [0.75, 0.5])
@@ -62,23 +62,23 @@ def test_spd_handles_unit_spectrum_with_its_limit():
 
 
 def test_spd_small_sigma_is_accurate_in_float32():
-    """sigma^2 from the expm1 form keeps full relative accuracy at the first step (SPEC §10)."""
+    """sigma^2 from the expm1 form keeps full relative accuracy at the first step (docs/math.md §10)."""
     t = np.float32(1e-4)
-    _, s32 = processes.spd(SPEC).marginal(t)
-    _, s64 = processes.spd(SPEC).marginal64(np.float64(t))
+    _, s32 = processes.spd(SPECTRUM).marginal(t)
+    _, s64 = processes.spd(SPECTRUM).marginal64(np.float64(t))
     np.testing.assert_allclose(np.asarray(s32) ** 2, s64**2, rtol=1e-4)
 
 
 def test_spd_monte_carlo_variance_matches_geodesic():
     """Forward-sampled Gaussian data have E|B x_t|^2 = S^(1-t) (synthetic data with spectrum S)."""
-    proc = processes.spd(SPEC)
+    proc = processes.spd(SPECTRUM)
     n = 4096
     z = jax.random.normal(jax.random.key(0), (n,) + SHAPE)
-    x0 = spectral.from_spectral(jnp.sqrt(SPEC) * spectral.to_spectral(z, "dft"), "dft")
+    x0 = bases.from_spectral(jnp.sqrt(SPECTRUM) * bases.to_spectral(z, "dft"), "dft")
     t = 0.4
     xt, _ = proc.forward_sample(x0, jnp.full((n,), t), jax.random.key(1))
-    var = np.mean(np.abs(np.asarray(spectral.to_spectral(xt, "dft"))) ** 2, axis=0)
-    expected = SPEC ** (1 - t)
+    var = np.mean(np.abs(np.asarray(bases.to_spectral(xt, "dft"))) ** 2, axis=0)
+    expected = SPECTRUM ** (1 - t)
     # relative Monte-Carlo error of a mean of n squared Gaussians is ~ sqrt(2/n) = 2.2 %
     np.testing.assert_allclose(var, expected, rtol=0.12)
     assert abs(np.mean(var / expected) - 1) < 0.01
@@ -169,7 +169,7 @@ def test_forward_sample_randomness_is_per_example():
 
 
 def test_prior_sample_is_white_noise():
-    x = processes.spd(SPEC).prior_sample(jax.random.key(0), (512,) + SHAPE)
+    x = processes.spd(SPECTRUM).prior_sample(jax.random.key(0), (512,) + SHAPE)
     assert abs(float(jnp.std(x)) - 1) < 0.01 and abs(float(jnp.mean(x))) < 0.01
 
 
@@ -207,21 +207,21 @@ def test_spd_snr_decreases_for_any_power_law(c1, c2, m, t, dt):
 
 
 def test_bad_spectrum_names_the_frequency():
-    spec = SPEC.copy()
+    spec = SPECTRUM.copy()
     spec[2, 3, 1] = 0.0
     with pytest.raises(ValueError, match=r"\(ky, kx, channel\) = \(2, 3, 1\)"):
         processes.spd(spec)
-    spec = SPEC.copy()
+    spec = SPECTRUM.copy()
     spec[1, 2, 0] *= 2  # breaks S(k) = S(-k)
     with pytest.raises(ValueError, match="even in k"):
         processes.spd(spec)
     with pytest.raises(ValueError, match=r"shape \(H, W, C\)"):
-        processes.spd(SPEC[..., 0])
+        processes.spd(SPECTRUM[..., 0])
 
 
 def test_deviation_outside_realisable_range_is_rejected():
     with pytest.raises(ValueError, match="SNR stops decreasing near t=0"):
-        processes.spd(SPEC, deviation=0.3)
+        processes.spd(SPECTRUM, deviation=0.3)
 
 
 def test_non_monotone_process_names_frequency_and_time():
@@ -229,7 +229,7 @@ def test_non_monotone_process_names_frequency_and_time():
         params={}, kind="rectified_flow", basis="identity", grid_shape=None, name="ok"
     )
     processes.validate(bad)  # the real one is fine
-    proc = processes.spd(SPEC)
+    proc = processes.spd(SPECTRUM)
     flipped = proc.replace(params={**proc.params, "log_spectrum": proc.params["log_spectrum"]},
                            config=(("deviation", 0.3),))
     with pytest.raises(ValueError, match=r"at t=.* frequency \(ky, kx, channel\)|SNR increases"):

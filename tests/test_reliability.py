@@ -17,7 +17,11 @@ import numpy as np
 import pytest
 from absl import logging as absl_logging
 
-from spd_jax import checkpoint, config_utils, data, experiment, processes, spectrum
+from spd_jax import data
+from spd_jax.diffusion import processes, spectrum
+from spd_jax.run import builders, checks
+from spd_jax.run import train as experiment
+from spd_jax.training import checkpoint
 from tests.test_train import ROOT, tiny
 
 CHAIN_STEPS = 18
@@ -69,7 +73,7 @@ def _interrupt(workdir, sig: int, rng, after_new_checkpoint: bool, cache: str):
         import sys
         sys.path.insert(0, {ROOT!r})
         from tests.test_reliability import _chain_config
-        from spd_jax import experiment
+        from spd_jax.run import train as experiment
         experiment.train(_chain_config(), {str(workdir)!r})
         """
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=_env(cache), cwd=ROOT,
@@ -124,7 +128,7 @@ def test_sigkill_and_sigterm_at_random_points_then_a_corrupted_checkpoint_resume
         sys.path.insert(0, {ROOT!r})
         import jax, numpy as np
         from tests.test_reliability import CHAIN_STEPS, _chain_config
-        from spd_jax import experiment
+        from spd_jax.run import train as experiment
         state = experiment.train(_chain_config(checkpoint_every=CHAIN_STEPS), {str(tmp_path / "straight")!r})
         np.savez({str(reference)!r}, *[np.asarray(x) for x in jax.tree.leaves(state)])
         """
@@ -171,17 +175,23 @@ def test_sigkill_and_sigterm_at_random_points_then_a_corrupted_checkpoint_resume
 
 
 _TWO_PROCESS_RUN = """
-import sys
+import os, signal, sys, time
 import jax
 import numpy as np
-port, index, workdir, out = sys.argv[1:5]
+port, index, workdir, out, term_at = sys.argv[1:6]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(index))
 sys.path.insert(0, {root!r})
 from tests.test_train import tiny
-from spd_jax import experiment
+from spd_jax.run import train as experiment
 config = tiny("digits_spd", num_steps=8, checkpoint_every=100)
 config.sample.grid_images = 0
-state = experiment.train(config, workdir)
+
+def preempt(info):  # a real SIGTERM to this process once it reaches step term_at (0 = never)
+    if int(term_at) and info.step == int(term_at):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1.0)  # a preemption notice comes ahead of the kill: the hosts agree on a stop step meanwhile
+
+state = experiment.train(config, workdir, callbacks=[preempt])
 np.savez(out, np.asarray(state.step), *[np.asarray(x) for x in jax.tree.leaves(state.params)])
 """
 
@@ -194,10 +204,9 @@ def _two_processes(workdir, out, term_process: int | None, term_step: int) -> li
     procs = []
     for i in range(2):
         env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-        env.pop(experiment.TERM_AT_STEP_ENV, None)
-        if i == term_process:
-            env[experiment.TERM_AT_STEP_ENV] = str(term_step)
-        procs.append(subprocess.Popen([sys.executable, "-c", code, str(port), str(i), str(workdir), f"{out}{i}.npz"],
+        term_at = term_step if i == term_process else 0
+        procs.append(subprocess.Popen([sys.executable, "-c", code, str(port), str(i), str(workdir), f"{out}{i}.npz",
+                                       str(term_at)],
                                       env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     errs = [p.communicate(timeout=240)[1] for p in procs]
     for p, err in zip(procs, errs, strict=True):
@@ -206,15 +215,17 @@ def _two_processes(workdir, out, term_process: int | None, term_step: int) -> li
 
 
 def test_sigterm_to_one_process_stops_every_process_at_the_same_step_and_both_resume(tmp_path):
-    """Multi-process preemption: only process 1 gets SIGTERM (at step 3); the flag is all-gathered,
-    so both processes save step 3 and exit 0; a restart of both resumes there and ends with
-    identical params on both processes."""
+    """Multi-process preemption: only process 1 gets SIGTERM (at step 3); JAX's preemption service
+    makes both processes agree on the next step to stop at (no host sync of spd_jax's own per
+    dispatch), both save it and exit 0; a restart of both resumes there and ends with identical
+    params on both processes."""
     workdir = tmp_path / "run"
     errs = _two_processes(workdir, tmp_path / "stopped", term_process=1, term_step=3)
-    assert "SIGTERM: wrote the checkpoint of step 3" in errs[0] + errs[1]
-    assert _steps(workdir) == [3]
     stopped = [np.load(tmp_path / f"stopped{i}.npz") for i in range(2)]
-    assert int(stopped[0]["arr_0"]) == int(stopped[1]["arr_0"]) == 3  # process 0 stopped too, at the same step
+    at = int(stopped[1]["arr_0"])
+    assert int(stopped[0]["arr_0"]) == at and 3 <= at < 8  # process 0 stopped too, at the same step
+    assert _steps(workdir) == [at]
+    assert f"SIGTERM: wrote the checkpoint of step {at}" in errs[0] and f"of step {at}" in errs[1]
     _two_processes(workdir, tmp_path / "final", term_process=None, term_step=0)
     final = [np.load(tmp_path / f"final{i}.npz") for i in range(2)]
     assert int(final[0]["arr_0"]) == 8 and _steps(workdir)[-1] == 8
@@ -345,9 +356,9 @@ def test_nonfinite_streak_stops_naming_the_step_keeps_the_checkpoint_and_launch_
     assert _steps(workdir) == [1, 2]
 
     config = launch._CONFIG.value
-    model = experiment.build_model(config)
-    tx, _ = experiment.build_optimizer(config)
-    abstract = checkpoint.abstract_like(experiment.abstract_train_state(model, tx, (8, 8, 1)),
+    model = builders.build_model(config)
+    tx, _ = builders.build_optimizer(config)
+    abstract = checkpoint.abstract_like(builders.abstract_train_state(model, tx, (8, 8, 1)),
                                         jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
     one, two = ckpt.restore(1, abstract)[0], ckpt.restore(2, abstract)[0]
@@ -379,7 +390,7 @@ def no_compile(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("train() reached init_variables before rejecting the input")
 
-    monkeypatch.setattr(experiment, "init_variables", refuse)
+    monkeypatch.setattr(builders, "init_variables", refuse)
 
 
 @pytest.mark.parametrize(
@@ -403,7 +414,7 @@ def test_bad_config_value_stops_train_before_compiling_or_writing(tmp_path, no_c
         config.sample.options.update(value)
     else:
         config[section][key] = value
-    with pytest.raises(config_utils.ConfigError) as err:
+    with pytest.raises(checks.ConfigError) as err:
         experiment.train(config, str(tmp_path / "run"))
     assert message in str(err.value)
     assert not (tmp_path / "run").exists()
@@ -422,12 +433,12 @@ def test_missing_tfds_dataset_stops_train_before_compiling_or_writing(tmp_path, 
 def test_unwritable_workdir_stops_train_before_compiling(tmp_path, no_compile, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(config_utils.ConfigError, match="cannot be created: .* is not a writable directory"):
+    with pytest.raises(checks.ConfigError, match="cannot be created: .* is not a writable directory"):
         experiment.train(tiny("digits_spd"), str(blocker / "run"))
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # tests may run as root, which may write anywhere
-    with pytest.raises(config_utils.ConfigError, match=re.escape(f"workdir '{readonly}' is not writable")):
+    with pytest.raises(checks.ConfigError, match=re.escape(f"workdir '{readonly}' is not writable")):
         experiment.train(tiny("digits_spd"), str(readonly))
     assert os.listdir(readonly) == []
 
@@ -437,12 +448,20 @@ def test_resuming_with_another_image_shape_or_model_stops_before_compiling(tmp_p
     other = tiny("patches_spd")
     ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), asynchronous=False)
     ckpt.save(1, {"w": np.zeros(2, np.float32)}, {}, {"spectrum": np.ones((32, 32, 3))},
-              {"model_config": experiment._model_config_json(other)})
+              {"model_config": builders.model_config_json(other)})
     ckpt.close()
     before = sorted(os.listdir(tmp_path))
-    with pytest.raises(ValueError, match="config.data differs from the checkpoint"):
+    with pytest.raises(checks.ConfigError, match="trained on 32x32x3 images but config.data .'digits'. gives 8x8x1"):
         experiment.train(tiny("digits_spd"), str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == before
+    changed = tiny("digits_spd")
+    changed.model.base_channels = 16  # defines the network: refused
+    with pytest.raises(checks.ConfigError, match="config.model.base_channels = 16 differs from the checkpoint's 8"):
+        builders.check_same_model(changed, {"model_config": builders.model_config_json(tiny("digits_spd"))}, "here")
+    moved = tiny("digits_spd")
+    moved.data.update(tfds_data_dir="/elsewhere", num_threads=16)  # run-only settings: accepted
+    moved.sample.batch_size = 3
+    builders.check_same_model(moved, {"model_config": builders.model_config_json(tiny("digits_spd"))}, "here")
 
 
 @pytest.mark.parametrize(
@@ -462,7 +481,7 @@ def test_data_outside_model_units_is_rejected_by_the_pipeline_and_the_spectrum(i
 
 
 def test_image_shape_not_matching_the_spectrum_is_rejected_before_tracing():
-    from spd_jax import samplers
+    from spd_jax.diffusion import samplers
 
     process = processes.spd(spectrum.power_law((8, 8, 1)))
 

@@ -1,4 +1,4 @@
-"""Samplers (SPEC §6): exactness on one-point data, sampler identities, per-example randomness,
+"""Samplers (docs/math.md §6): exactness on one-point data, sampler identities, per-example randomness,
 NFE counts, the exact Gaussian law of the implementation, and input validation."""
 
 import jax
@@ -8,25 +8,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spd_jax import analytic, grids, processes, samplers, spectral, spectrum
-from spd_jax.parameterization import Prediction
-from spd_jax.rng import per_example_normal
+from spd_jax.diffusion import analytic, bases, grids, processes, samplers, spectrum
+from spd_jax.diffusion.parameterization import Prediction
+from spd_jax.diffusion.rng import per_example_normal
 
 SHAPE = (3, 4, 4, 1)
 KEY = jax.random.PRNGKey(7)
-SPEC_DFT = spectrum.power_law(SHAPE[1:], c1=1.0, c2=0.5, m=1.5)
-SPEC_DCT = spectrum.power_law(SHAPE[1:], c1=1.0, c2=0.5, m=1.5, basis="dct")
+SPECTRUM_DFT = spectrum.power_law(SHAPE[1:], c1=1.0, c2=0.5, m=1.5)
+SPECTRUM_DCT = spectrum.power_law(SHAPE[1:], c1=1.0, c2=0.5, m=1.5, basis="dct")
 POINT = np.linspace(-0.9, 0.8, 16).reshape(1, 4, 4, 1)
 
 PROCESSES = {
     "vp_cosine": processes.vp_cosine(),
-    "spd": processes.spd(SPEC_DFT),
+    "spd": processes.spd(SPECTRUM_DFT),
     "blurring": processes.blurring(SHAPE[1:]),
 }
 # one denoiser object per (process, data set): compiled samplers are cached per denoiser
 ONE_POINT = {name: analytic.finite_set_denoiser(p, POINT) for name, p in PROCESSES.items()}
 SPD = PROCESSES["spd"]
-SPD_GAUSS = analytic.gaussian_denoiser(SPD, SPEC_DFT)
+SPD_GAUSS = analytic.gaussian_denoiser(SPD, SPECTRUM_DFT)
 
 DETERMINISTIC = [
     ("ddim", {"eta": 0.0}),
@@ -63,7 +63,7 @@ def test_one_point_law_is_exact_in_float64(name, method, knobs):
     basis = "identity" if proc.is_scalar else proc.basis
     law = analytic.sampler_law(proc, np.full(SHAPE[1:], 1e-20), mean=POINT[0], basis=basis, method=method,
                                num_steps=4, **knobs)
-    np.testing.assert_allclose(spectral.from_spectral_np(law.mean[None], basis)[0], POINT[0], atol=1e-12)
+    np.testing.assert_allclose(bases.from_spectral_np(law.mean[None], basis)[0], POINT[0], atol=1e-12)
     assert np.max(law.var) < 1e-12
 
 
@@ -120,7 +120,7 @@ def test_stochastic_ddm_bridge_with_oracle_is_exact_on_any_grid_and_returns_x0(c
     ],
 )
 def test_deterministic_ddm_bridge_follows_the_official_step(c_correction, clip, expected):
-    """x_next = x0_hat + c_hat t_next + sqrt(t_next) eps_hat (SPEC §6.4) with inconsistent heads."""
+    """x_next = x0_hat + c_hat t_next + sqrt(t_next) eps_hat (docs/math.md §6.4) with inconsistent heads."""
     x0, c, e = 1.5, -0.3, 0.7
 
     def heads(x_t, t, *, key=None):
@@ -148,13 +148,13 @@ def test_exact_law_reproduces_the_implementation_sample_by_sample(method):
     """sampler_law's affine form, fed the actual noises, gives the JAX samples (SPD, DFT basis)."""
     knobs = {"ddim": {"eta": 0.5}, "gradient_estimation": {"gamma": 1.7, "mu": 0.3}}.get(method, {})
     x, _ = _run(SPD_GAUSS, SPD, method, **knobs)
-    law = analytic.sampler_law(SPD, SPEC_DFT, method=method, num_steps=4, start=(0.0, 1.0), **knobs)
-    u_out = law.mean + law.gains["start"] * spectral.to_spectral_np(X_T, "dft")
+    law = analytic.sampler_law(SPD, SPECTRUM_DFT, method=method, num_steps=4, start=(0.0, 1.0), **knobs)
+    u_out = law.mean + law.gains["start"] * bases.to_spectral_np(X_T, "dft")
     for j in range(4):
         if j in law.gains:
             z = np.asarray(per_example_normal(KEY, SHAPE, step=j))
-            u_out = u_out + law.gains[j] * spectral.to_spectral_np(z, "dft")
-    expected = spectral.from_spectral_np(u_out, "dft")
+            u_out = u_out + law.gains[j] * bases.to_spectral_np(z, "dft")
+    expected = bases.from_spectral_np(u_out, "dft")
     np.testing.assert_allclose(np.asarray(x), expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
 
 
@@ -163,13 +163,13 @@ def test_predict_project_with_a_zero_projection_is_kappa_zero():
         return jnp.zeros_like(x)
 
     x, info = _run(SPD_GAUSS, SPD, "predict_project", projection=zero_projection)
-    law = analytic.sampler_law(SPD, SPEC_DFT, method="predict_project", num_steps=4, start=(0.0, 1.0),
+    law = analytic.sampler_law(SPD, SPECTRUM_DFT, method="predict_project", num_steps=4, start=(0.0, 1.0),
                                kappa=0.0)
-    u_out = law.gains["start"] * spectral.to_spectral_np(X_T, "dft")
+    u_out = law.gains["start"] * bases.to_spectral_np(X_T, "dft")
     for j in range(4):
         z = np.asarray(per_example_normal(KEY, SHAPE, step=j))
-        u_out = u_out + law.gains[j] * spectral.to_spectral_np(z, "dft")
-    np.testing.assert_allclose(np.asarray(x), spectral.from_spectral_np(u_out, "dft"), rtol=1e-4, atol=1e-4)
+        u_out = u_out + law.gains[j] * bases.to_spectral_np(z, "dft")
+    np.testing.assert_allclose(np.asarray(x), bases.from_spectral_np(u_out, "dft"), rtol=1e-4, atol=1e-4)
     assert (info["nfe"], info["aux_nfe"]) == (4, 4)
 
 
@@ -275,8 +275,8 @@ def test_clipping_keeps_x0_in_range_and_is_explicit():
 def test_analytic_kl_falls_towards_zero_with_nfe():
     proc = processes.vp_linear()
     kls = [
-        analytic.gaussian_kl(*analytic.sampler_law(proc, SPEC_DFT, method="ancestral", num_steps=n,
-                                                   basis="dft")[:2], SPEC_DFT)
+        analytic.gaussian_kl(*analytic.sampler_law(proc, SPECTRUM_DFT, method="ancestral", num_steps=n,
+                                                   basis="dft")[:2], SPECTRUM_DFT)
         for n in (5, 20, 100, 400)
     ]
     assert np.all(np.diff(kls) < 0)
@@ -285,7 +285,7 @@ def test_analytic_kl_falls_towards_zero_with_nfe():
 
 @pytest.mark.parametrize("method", ["ddim", "heun", "gradient_estimation"])
 def test_deterministic_kl_converges_on_every_spectral_process(method):
-    for proc, spec in ((SPD, SPEC_DFT), (PROCESSES["blurring"], SPEC_DCT)):
+    for proc, spec in ((SPD, SPECTRUM_DFT), (PROCESSES["blurring"], SPECTRUM_DCT)):
         kl = analytic.gaussian_kl(*analytic.sampler_law(proc, spec, method=method, num_steps=400)[:2], spec)
         assert kl < 0.05, (proc.name, kl)
 
@@ -351,3 +351,23 @@ def test_every_process_method_pair_of_the_matrix_runs():
             run = samplers.plan(proc, method=method, num_steps=5)
             assert run.grid[0] == pytest.approx(grids.T_MAX, abs=0.02) and run.grid[-1] == 0.0
             assert all(np.all(np.isfinite(np.asarray(v, float))) for v in run.tables.values())
+
+
+def _scaled_gaussian(variables, x_t, t, *, key=None):
+    """The exact Gaussian denoiser of SPD with its x0 estimate scaled by a traced parameter."""
+    pred = SPD_GAUSS(x_t, t)
+    return Prediction(variables["scale"] * pred.x0, pred.eps)
+
+
+def test_parameters_passed_as_variables_share_one_compilation():
+    before = samplers._run_jit._cache_size()
+    outs = []
+    for scale in (1.0, 0.5, 0.25):
+        x, _ = samplers.sample(_scaled_gaussian, SPD, method="ddim", num_steps=3, key=jax.random.key(0),
+                               clip_x0=False, shape=SHAPE, variables={"scale": jnp.float32(scale)})
+        outs.append(np.asarray(x))
+    assert samplers._run_jit._cache_size() == before + 1  # one program for three parameter values
+    assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[1], outs[2])
+    same, _ = samplers.sample(SPD_GAUSS, SPD, method="ddim", num_steps=3, key=jax.random.key(0), clip_x0=False,
+                              shape=SHAPE)
+    np.testing.assert_allclose(outs[0], np.asarray(same), rtol=1e-6, atol=1e-6)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from spd_jax import data, spectral, spectrum
+from spd_jax import data
+from spd_jax.diffusion import bases, spectrum
 
 
 def test_preset_values_match_the_official_constants():
@@ -12,7 +13,7 @@ def test_preset_values_match_the_official_constants():
     np.testing.assert_allclose(s[0, 0, 0], 1.59 / 0.0086**2)
     np.testing.assert_allclose(s[0, 1, 0], 1.59 / 1.0086**2)
     np.testing.assert_allclose(s[16, 16, 0], 1.59 / (0.0086 + np.sqrt(512)) ** 2)
-    assert (s > 1).sum() == 5 * 3  # SPEC §2.5: only 5 of 1024 frequencies have S > 1
+    assert (s > 1).sum() == 5 * 3  # docs/math.md §2.5: only 5 of 1024 frequencies have S > 1
 
 
 @pytest.mark.parametrize("basis", ["dft", "dct"])
@@ -25,7 +26,7 @@ def test_estimate_of_white_noise_is_flat(basis):
 def test_estimate_of_synthetic_gaussian_recovers_its_spectrum():
     target = spectrum.power_law((8, 8, 1), c1=0.5, c2=0.5, m=2)
     z = np.random.default_rng(1).normal(size=(4000, 8, 8, 1))
-    x = spectral.from_spectral_np(np.sqrt(target) * spectral.to_spectral_np(z, "dft"), "dft")
+    x = bases.from_spectral_np(np.sqrt(target) * bases.to_spectral_np(z, "dft"), "dft")
     x = np.clip(x, -1, 1)
     np.testing.assert_allclose(spectrum.estimate(x), target, rtol=0.12)
 
@@ -39,7 +40,7 @@ def test_fit_recovers_power_law_parameters():
 def test_patch_spectrum_is_a_natural_image_spectrum():
     """Embedded photo patches: power falls with |k| with an exponent near 2-3.5, even in k."""
     s = spectrum.estimate(data.load_patches("train", crops_per_photo=32))
-    np.testing.assert_allclose(spectral.mirror(s), s, rtol=1e-6)
+    np.testing.assert_allclose(bases.mirror(s), s, rtol=1e-6)
     fit = spectrum.fit_power_law(s)
     assert 1.5 < fit.m < 4.0
     _, prof = spectrum.radial_profile(s)

@@ -7,13 +7,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spd_jax import processes, spectrum, tasks
+from spd_jax import tasks
+from spd_jax.diffusion import processes, spectrum
 
 
 @given(value=st.floats(-1, 1), factor=st.sampled_from([2, 4]))
 def test_downsampling_a_constant_image_is_constant(value, factor):
     x = jnp.full((2, 8, 8, 3), value, jnp.float32)
-    low, cond = tasks.super_resolution(x, factor)
+    d = tasks.degrade(tasks.Task("sr", factor=factor), x, jax.random.key(0))
+    low, cond = tasks.area_downsample(x, factor), d.cond
+    assert cond.shape == x.shape
     assert low.shape == (2, 8 // factor, 8 // factor, 3)
     np.testing.assert_allclose(low, value, atol=1e-6)
     np.testing.assert_allclose(cond, value, atol=1e-5)

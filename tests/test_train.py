@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spd_jax import experiment, tensorboard
-from spd_jax import train as training
+from spd_jax import training
+from spd_jax.run import sampling
+from spd_jax.run import train as experiment
+from spd_jax.training.logging import MetricsWriter, drop_rows_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("digits_spd", "patches_spd", "cifar10_spd", "cifar10_ddpm", "cifar10_blur", "cifar10_ddm",
@@ -125,24 +127,33 @@ def _resume_config(steps: int = 4):
     return config
 
 
-def _train_in_subprocess(workdir, hook: str, step: int) -> subprocess.CompletedProcess:
+def _train_in_subprocess(workdir, signal_name: str, step: int) -> subprocess.CompletedProcess:
+    """Train in a new process that sends itself ``signal_name`` once training reaches ``step``
+    (through the training loop's callback argument; a SIGKILL waits for started checkpoints)."""
     code = f"""
-        import sys
+        import os, signal, sys
         sys.path.insert(0, {ROOT!r})
         from tests.test_train import _resume_config
-        from spd_jax import experiment
-        experiment.train(_resume_config(), {str(workdir)!r})
+        from spd_jax.run import train as experiment
+
+        def interrupt(info):
+            if info.step >= {step}:
+                if signal.{signal_name} == signal.SIGKILL:
+                    info.wait_for_checkpoints()
+                os.kill(os.getpid(), signal.{signal_name})
+
+        experiment.train(_resume_config(), {str(workdir)!r}, callbacks=[interrupt])
         """
-    return _run(code, {hook: str(step)})
+    return _run(code)
 
 
 def test_preempted_killed_and_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path):
     straight = experiment.train(_resume_config(), str(tmp_path / "a"))
     workdir = tmp_path / "b"
-    preempted = _train_in_subprocess(workdir, experiment.TERM_AT_STEP_ENV, 1)
+    preempted = _train_in_subprocess(workdir, "SIGTERM", 1)
     assert preempted.returncode == 0, preempted.stderr[-3000:]  # SIGTERM: checkpoint at step 1, clean exit
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1"]
-    killed = _train_in_subprocess(workdir, experiment.KILL_AT_STEP_ENV, 3)
+    killed = _train_in_subprocess(workdir, "SIGKILL", 3)
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL after step 3; last checkpoint: 2
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
     resumed = experiment.train(_resume_config(), str(workdir))
@@ -155,52 +166,42 @@ def test_sample_mode_writes_npz_and_png_with_another_sampler(tmp_path):
     config = tiny("digits_spd", num_steps=1)
     experiment.train(config, str(tmp_path))
     config.sample.update(method="ddim", nfe=2, num_samples=6)
-    path = experiment.sample(config, str(tmp_path))
+    path = sampling.sample(config, str(tmp_path))
     assert path.endswith("ddim_nfe2.npz") and os.path.exists(path.replace(".npz", ".png"))
     out = np.load(path)
     assert out["images"].shape == (6, 8, 8, 1) and int(out["nfe"]) == 2 and int(out["step"]) == 1
 
 
-def _event_records(path) -> list[bytes]:
-    blob = open(path, "rb").read()
-    records = []
-    while blob:
-        length = int.from_bytes(blob[:8], "little")
-        assert int.from_bytes(blob[8:12], "little") == tensorboard._masked_crc(blob[:8])
-        record = blob[12 : 12 + length]
-        assert int.from_bytes(blob[12 + length : 16 + length], "little") == tensorboard._masked_crc(record)
-        records.append(record)
-        blob = blob[16 + length :]
-    return records
+def _scalars(workdir, tag: str = "train/loss") -> list[tuple[int, float]]:
+    """(step, value) of every ``tag`` event TensorBoard's own reader keeps in ``workdir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(workdir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-def test_event_file_records_are_framed_and_checksummed(tmp_path):
-    writer = tensorboard.EventWriter(str(tmp_path))
-    writer.scalars(3, {"train/loss": 0.5})
-    writer.close()
-    records = _event_records(writer.path)
-    assert len(records) == 2 and b"brain.Event:2" in records[0]
-    assert b"train/loss" in records[1] and np.float32(0.5).tobytes() in records[1]
-
-
-def test_a_resumed_event_file_starts_with_a_session_start_at_the_first_redone_step(tmp_path):
-    # TensorBoard drops earlier files' events at steps >= a SessionLog.START's step
-    writer = tensorboard.EventWriter(str(tmp_path), purge_step=300)
-    writer.close()
-    records = _event_records(writer.path)
-    # Event: field 2 (step, varint 300 = ac 02), field 7 (session_log) holding field 1 (status) = 1 (START)
-    assert len(records) == 2 and records[1][9:] == b"\x10\xac\x02" + b"\x3a\x02\x08\x01"
+def test_tensorboard_shows_each_step_once_after_a_resume_from_an_earlier_checkpoint(tmp_path):
+    first = MetricsWriter(tmp_path)
+    for step in (1, 2, 3, 4):
+        first.write(step, {"loss": float(step)})
+    first.close()
+    resumed = MetricsWriter(tmp_path, start_step=2)  # steps 3 and 4 are redone
+    for step in (3, 4, 5):
+        resumed.write(step, {"loss": 10.0 * step})
+    resumed.close()
+    assert _scalars(tmp_path) == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]
 
 
 def test_resuming_drops_the_metrics_rows_of_lost_steps_and_a_torn_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (10, 20, 30, 40)]
     path.write_text("\n".join(rows) + "\n" + rows[0][:7])  # killed mid-write
-    assert experiment.drop_rows_after(str(path), 20) == 3
+    assert drop_rows_after(str(path), 20) == 3
     assert path.read_text() == rows[0] + "\n" + rows[1] + "\n"
     before = path.stat().st_mtime_ns
-    assert experiment.drop_rows_after(str(path), 20) == 0 and path.stat().st_mtime_ns == before  # untouched
-    writer = experiment.MetricsWriter(str(tmp_path), start_step=10)
+    assert drop_rows_after(str(path), 20) == 0 and path.stat().st_mtime_ns == before  # untouched
+    writer = MetricsWriter(str(tmp_path), start_step=10)
     writer.write(20, {"loss": 0.25})
     writer.close()
     steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
@@ -218,21 +219,22 @@ _STEPS = """
     sys.path.insert(0, {root!r})
     import jax, numpy as np
     from tests.test_train import tiny
-    from spd_jax import experiment, train as training
+    from spd_jax.run import builders
+    from spd_jax import training
 
     def run(devices, steps=3):
         config = tiny("digits_spd")
-        source = experiment.build_source(config)
+        source = builders.build_source(config)
         shape = source[0].shape
-        process = experiment.build_process(config, experiment.build_spectrum(config, source, shape), shape)
-        model = experiment.build_model(config)
-        tx, schedule = experiment.build_optimizer(config)
+        process = builders.build_process(config, builders.build_spectrum(config, source, shape), shape)
+        model = builders.build_model(config)
+        tx, schedule = builders.build_optimizer(config)
         mesh = training.make_mesh(devices)
-        state = training.create_train_state(experiment.init_variables(model, shape, jax.random.PRNGKey(0)),
+        state = training.create_train_state(builders.init_variables(model, shape, jax.random.PRNGKey(0)),
                                             tx, jax.random.PRNGKey(1))
         state = training.replicate(state, mesh)
         step = training.shard_train_step(training.scan_steps(training.make_train_step(
-            experiment.build_loss(config, model, process), tx, 0.99, schedule)), mesh, fast_compile=True)
+            builders.build_loss(config, model, process), tx, 0.99, schedule)), mesh, fast_compile=True)
         local = 16 // jax.process_count()
         losses = []
         for k in range(steps):
@@ -289,7 +291,7 @@ def test_two_process_run_ends_with_identical_params(tmp_path):
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     from absl import logging as absl_logging
 
-    from spd_jax import checkpoint
+    from spd_jax.training import checkpoint
 
     ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=3, asynchronous=False)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -309,3 +311,15 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     np.testing.assert_array_equal(state["w"], np.ones(3))
     assert any("checkpoint 2" in w for w in warnings) and any("step 1 instead" in w for w in warnings)
     assert (tmp_path / "2.unreadable").is_dir() and not (tmp_path / "2").exists()  # moved aside, not deleted
+
+
+def test_an_smd_model_trains_with_the_k_sample_mixture_loss_from_its_config(tmp_path):
+    config = tiny("cifar10_smd", num_steps=2)
+    config.loss.update(smd="mixture", smd_samples=3, smd_step=0.05)
+    config.sample.grid_images = 0
+    state = experiment.train(config, str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert int(state.step) == 2 and int(state.skipped) == 0 and all(np.isfinite(r["loss"]) for r in rows)
+    config.loss.smd_step = 0.0  # a continuous process needs an explicit step
+    with pytest.raises(ValueError, match="config.loss.smd_step = 0.0 is invalid"):
+        experiment.train(config, str(tmp_path / "other"))

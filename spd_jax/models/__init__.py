@@ -1,4 +1,4 @@
-"""Networks (SPEC §8): the ADM-family U-Net, SMD's latent network and hypernetwork, prediction heads.
+"""Networks (docs/math.md §8): the ADM-family U-Net, SMD's latent network and hypernetwork, prediction heads.
 
 * :class:`UNet` — one configurable U-Net for eps/x0/v/flow/score heads, DDM's dual (c, eps) head
   (``num_decoders=2``), the predict-project projection network T_theta, and conditional inputs.

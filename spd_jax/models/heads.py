@@ -1,14 +1,14 @@
-"""Prediction heads: turn a trained network into a denoiser for every sampler (SPEC §0, §4).
+"""Prediction heads: turn a trained network into a denoiser for every sampler (docs/math.md §0, §4).
 
 A head names what the network outputs in pixel space:
 
 * ``"eps"``, ``"x0"``, ``"v"``, ``"flow"``, ``"score"``: one output, converted per frequency by
-  :func:`spd_jax.parameterization.prediction_from_output`;
-* ``"ddm_dual"``: two outputs (c, eps) from a two-decoder U-Net, c = -x_0 (SPEC §4);
+  :func:`spd_jax.diffusion.parameterization.prediction_from_output`;
+* ``"ddm_dual"``: two outputs (c, eps) from a two-decoder U-Net, c = -x_0 (docs/math.md §4);
 * ``"ddm_c"``: one output c, with eps derived as (x_t + alpha c) / sigma (single-decoder DDM/ADM).
 
 Every denoiser follows ``denoiser(x_t, t, *, key=None) -> Prediction(x0, eps[, c])``; SMD models
-draw their latent noise eta from ``key`` (one draw per example, SPEC §6.7).
+draw their latent noise eta from ``key`` (one draw per example, docs/math.md §6.7).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from spd_jax import parameterization as param
+from spd_jax.diffusion import parameterization as param
+from spd_jax.diffusion.rng import per_example_normal
 from spd_jax.models.smd import SMDNet
-from spd_jax.rng import per_example_normal
 
 HEADS = param.TARGETS + ("ddm_dual", "ddm_c")
 DDM_HEADS = ("ddm_dual", "ddm_c")
@@ -61,7 +61,7 @@ def prediction_from_head(process, x_t, t, output, head: str) -> param.Prediction
 def latent_noise(key, shape: tuple, dtype) -> jax.Array:
     """SMD latent noise eta of ``shape`` (B, ...): row b from ``key[b]`` when ``key`` holds one key
     per example (typed keys (B,) or raw uint32 (B, 2), as the ``smd`` sampler passes them), else
-    from ``fold_in(key, b)`` (SPEC §0: per-example randomness)."""
+    from ``fold_in(key, b)`` (docs/math.md §0: per-example randomness)."""
     typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
     per_example = np.shape(key) == (shape[0],) if typed else np.shape(key) == (shape[0], 2)
     if per_example:
@@ -71,7 +71,7 @@ def latent_noise(key, shape: tuple, dtype) -> jax.Array:
 
 def model_projection(model: Any, variables: Any, *, cond: jax.Array | None = None):
     """The predict-project network T_theta (a :class:`UNet`) as ``projection(x_pred, t_next)``:
-    pixel-space correction added to x_pred (SPEC §5.4, §6.6), ``train=False``."""
+    pixel-space correction added to x_pred (docs/math.md §5.4, §6.6), ``train=False``."""
 
     def projection(x_pred, t_next):
         return model.apply(variables, x_pred, t_next, cond=cond, train=False)

@@ -1,4 +1,4 @@
-"""Parameter counts of the papers' configurations beside the published numbers (SPEC §8, §9).
+"""Parameter counts of the papers' configurations beside the published numbers (docs/math.md §8, §9).
 
 Run ``python -m spd_jax.models.param_counts``. Shapes come from ``jax.eval_shape``, so nothing is
 allocated and the command runs in seconds on a CPU.

@@ -1,4 +1,4 @@
-"""The papers' network configurations (SPEC §8) as ready-built modules.
+"""The papers' network configurations (docs/math.md §8) as ready-built modules.
 
 Each function returns an unbound Flax module; pass ``dropout`` etc. to override. Parameter counts
 are printed by ``python -m spd_jax.models.param_counts``.

@@ -1,4 +1,4 @@
-"""Soft mixture denoising (SMD, SPEC §5.3, §8): latent network g_xi plus a hypernetwork denoiser.
+"""Soft mixture denoising (SMD, docs/math.md §5.3, §8): latent network g_xi plus a hypernetwork denoiser.
 
 ``SMDNet`` composes two :class:`~spd_jax.models.unet.UNet` instances:
 

@@ -1,4 +1,4 @@
-"""ADM/DDPM++-family U-Net in Flax Linen (SPEC §8).
+"""ADM/DDPM++-family U-Net in Flax Linen (docs/math.md §8).
 
 One configurable network serves every model family of spd_jax:
 
@@ -8,7 +8,7 @@ One configurable network serves every model family of spd_jax:
   (``resample="resblock"``);
 * one decoder, or two decoders sharing the encoder for DDM's dual (c, eps) head, each optionally
   opened by a "decouple" block (``decouple=True``);
-* SMD's per-pixel hypernetwork at the two sites of SPEC §8 when ``hyper_dim`` is set;
+* SMD's per-pixel hypernetwork at the two sites of docs/math.md §8 when ``hyper_dim`` is set;
 * an extra conditioning image concatenated to the input (``cond_channels``).
 
 Inputs and outputs are pixel space, NHWC. Time is the library's continuous t in [0, 1] (t = 0
@@ -36,7 +36,7 @@ def time_label(
     * ``"linear"``: scale * t (default 1000 t, the DDPM/guided-diffusion range);
     * ``"log"``: log t (DDM/ADM), with t floored at 1e-5;
     * ``"discrete"``: i * scale / num_levels for the discrete level i = round(t * num_levels) - 1
-      (SPD's i * 1000 / T; a continuous-time port maps level i to t = (i + 1) / T, SPEC §10).
+      (SPD's i * 1000 / T; a continuous-time port maps level i to t = (i + 1) / T, docs/math.md §10).
     """
     t = jnp.asarray(t, jnp.float32)
     if kind == "linear":
@@ -150,7 +150,7 @@ class Decouple(nn.Module):
     """DDM's "decouple" block opening each decoder: a 3x3 conv, then a sigmoid spatial gate.
 
     The gate is computed from the channel mean and max at each pixel by a 7x7 conv (the official
-    module's exact layer sizes are not specified in SPEC §8; this is spd_jax's reading).
+    module's exact layer sizes are not specified in docs/math.md §8; this is spd_jax's reading).
     """
 
     @nn.compact
@@ -161,7 +161,7 @@ class Decouple(nn.Module):
 
 
 class HyperAdapter(nn.Module):
-    """SMD's per-pixel hypernetwork f_phi (SPEC §8), applied to features h given the latent z.
+    """SMD's per-pixel hypernetwork f_phi (docs/math.md §8), applied to features h given the latent z.
 
     Per pixel: u_l = A_l z + c_l (d -> d), M_l = u_l u_l^T + softplus(s_l) I, h' = P_in h,
     h' <- M_L ... M_1 h', output h + P_out h'. The default computes M_l h' = u_l (u_l . h') +

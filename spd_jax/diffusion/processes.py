@@ -1,6 +1,6 @@
-"""Gaussian corruption processes diagonal in an orthonormal spectral basis (SPEC §1–2).
+"""Gaussian corruption processes diagonal in an orthonormal spectral basis (docs/math.md §1–2).
 
-Every process is u_t(k) = alpha_t(k) u_0(k) + sigma_t(k) eps(k) with u = B x (SPEC eq. 1.1),
+Every process is u_t(k) = alpha_t(k) u_0(k) + sigma_t(k) eps(k) with u = B x (docs/math.md eq. 1.1,
 t in [0, 1], t = 0 data, t = 1 noise. A :class:`Process` is a pytree (jit, vmap and scan friendly):
 its arrays are leaves and its kind, basis and scalar constants are static.
 
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from spd_jax import spectral
-from spd_jax.rng import per_example_normal
+from spd_jax.diffusion import bases
+from spd_jax.diffusion.rng import per_example_normal
 
 _SMALL_LOG = 1e-6  # |log S| below which SPD uses its S -> 1 limit
 
@@ -34,7 +34,7 @@ def _spd_abar_sigma2(xp, e, one_minus_e, log_s):
     """abar = expm1(e L)/expm1(L), sigma^2 = expm1(-(1-e) L)/expm1(-L), with the L -> 0 limit.
 
     ``one_minus_e`` is passed separately so that sigma^2 keeps full relative accuracy near t = 0
-    (1 - e computed in float32 from e ~ 1 would lose it, SPEC §10).
+    (1 - e computed in float32 from e ~ 1 would lose it, docs/math.md §10).
     """
     small = xp.abs(log_s) < _SMALL_LOG
     safe = xp.where(small, 1.0, log_s)
@@ -43,8 +43,9 @@ def _spd_abar_sigma2(xp, e, one_minus_e, log_s):
     return abar, sigma2
 
 
-def _schedule(kind: str, xp, t, params: dict, cfg: dict):
-    """(alpha, sigma) of ``kind`` at time array ``t`` (already shaped to broadcast)."""
+def schedule(kind: str, xp, t, params: dict, cfg: dict):
+    """(alpha, sigma) of schedule ``kind`` at time array ``t`` (already shaped to broadcast), with
+    ``xp`` = numpy (float64 tables) or jax.numpy (traced, e.g. under jax.grad)."""
     if kind == "vp_linear":
         b0, b1 = cfg["beta_min"], cfg["beta_max"]
         integral = b0 * t + 0.5 * (b1 - b0) * t * t
@@ -130,7 +131,7 @@ class Process:
 
     @property
     def gaussian_prior(self) -> bool:
-        """False for IHDM, whose terminal law is blurred data (SPEC §2.4)."""
+        """False for IHDM, whose terminal law is blurred data (docs/math.md §2.4)."""
         return self.kind != "ihdm"
 
     @property
@@ -155,7 +156,7 @@ class Process:
         """
         t = _t_shape(jnp.asarray(t, jnp.float32), self.is_scalar, jnp)
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), self.params)
-        alpha, sigma = _schedule(self.kind, jnp, t, params, self.cfg)
+        alpha, sigma = schedule(self.kind, jnp, t, params, self.cfg)
         return alpha.astype(jnp.float32), sigma.astype(jnp.float32)
 
     def marginal64(self, t):
@@ -163,19 +164,15 @@ class Process:
         t = _t_shape(np.asarray(t, np.float64), self.is_scalar, np)
         params = {k: np.asarray(v, np.float64) for k, v in self.params.items()}
         with np.errstate(invalid="ignore"):  # invalid processes give NaN, caught by validate()
-            alpha, sigma = _schedule(self.kind, np, t, params, self.cfg)
+            alpha, sigma = schedule(self.kind, np, t, params, self.cfg)
         return np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
 
     def snr(self, t):
         alpha, sigma = self.marginal(t)
         return alpha**2 / sigma**2
 
-    def log_snr(self, t):
-        alpha, sigma = self.marginal(t)
-        return 2.0 * (jnp.log(alpha) - jnp.log(sigma))
-
     def transition(self, t, s):
-        """q(u_t | u_s) for s < t: (alpha_{t|s}, sigma_{t|s}) per frequency (SPEC eq. 1.2)."""
+        """q(u_t | u_s) for s < t: (alpha_{t|s}, sigma_{t|s}) per frequency (docs/math.md eq. 1.2."""
         alpha_t, sigma_t = self.marginal(t)
         alpha_s, sigma_s = self.marginal(s)
         alpha_ts = alpha_t / alpha_s
@@ -196,7 +193,7 @@ class Process:
     # ---- pixel-space sampling ----------------------------------------------------------------
     def apply(self, x, gain):
         """Pixel-space image of the diagonal operator ``gain`` in this process's basis."""
-        return spectral.apply_diagonal(x, gain, "identity" if self.is_scalar else self.basis)
+        return bases.apply_diagonal(x, gain, "identity" if self.is_scalar else self.basis)
 
     def forward_sample(self, x0, t, key, index=None):
         """Draw x_t ~ q(x_t | x_0) in pixel space. Returns (x_t, eps) with eps the pixel noise.
@@ -212,11 +209,11 @@ class Process:
         if self.is_scalar:
             return alpha * x0 + sigma * eps, eps
         basis = self.basis
-        u = alpha * spectral.to_spectral(x0, basis) + sigma * spectral.to_spectral(eps, basis)
-        return spectral.from_spectral(u, basis), eps
+        u = alpha * bases.to_spectral(x0, basis) + sigma * bases.to_spectral(eps, basis)
+        return bases.from_spectral(u, basis), eps
 
     def prior_sample(self, key, shape, index=None, data=None):
-        """Draw from the sampler prior at t = 1: N_B(0, sigma_1^2) in pixels (SPEC §0).
+        """Draw from the sampler prior at t = 1: N_B(0, sigma_1^2) in pixels (docs/math.md §0).
 
         IHDM's prior is data-dependent: pass ``data`` (N, H, W, C); example i blurs
         data[i mod N] to the last level and adds the process noise.
@@ -272,7 +269,7 @@ def _frequency_name(proc: Process, flat_index: int, full_shape) -> str:
 
 
 def validate(proc: Process) -> Process:
-    """Check SPEC §1.3 V1–V3 in float64; raise ValueError naming the frequency and time."""
+    """Check docs/math.md §1.3 V1–V3 in float64; raise ValueError naming the frequency and time."""
     name = proc.name or proc.kind
     times = _validation_times(proc.num_levels)
     alpha, sigma = proc.marginal64(times)
@@ -350,7 +347,7 @@ def _check_grid_shape(shape, what: str) -> tuple:
 
 
 def vp_linear(num_steps: int | None = None, beta_min: float = 0.1, beta_max: float = 20.0) -> Process:
-    """DDPM linear schedule (SPEC §2.1).
+    """DDPM linear schedule (docs/math.md §2.1).
 
     ``num_steps=None``: continuous score-SDE VP with beta(t) = beta_min + (beta_max - beta_min) t.
     ``num_steps=T``: the discrete DDPM table, betas linspace(1e-4, 0.02) scaled by 1000/T, level i
@@ -390,7 +387,7 @@ def vp_linear(num_steps: int | None = None, beta_min: float = 0.1, beta_max: flo
 def vp_cosine(offset: float = 0.008) -> Process:
     """IDDPM cosine schedule, continuous: abar(t) = f(t)/f(0), f = cos^2((t+s)/(1+s) pi/2).
 
-    alpha_1 = 0 exactly: samplers start at t_max < 1 (SPEC V5).
+    alpha_1 = 0 exactly: samplers start at t_max < 1 (docs/math.md §1.3 V5).
     """
     if not offset > 0:
         raise ValueError(f"vp_cosine offset must be > 0; got {offset}")
@@ -413,7 +410,7 @@ def blurring(
     logsnr_min: float = -10.0,
     logsnr_max: float = 10.0,
 ) -> Process:
-    """Blurring diffusion (Hoogeboom & Salimans), DCT basis, SPEC §2.3.
+    """Blurring diffusion (Hoogeboom & Salimans), DCT basis, docs/math.md §2.3.
 
     alpha_t(k) = a_t d_t(k), sigma_t = s_t with a_t^2 = sigmoid(l_t), s_t^2 = sigmoid(-l_t) and
     d_t(k) = (1 - d_min) exp(-lambda_k sigma_B(t)^2 / 2) + d_min, sigma_B(t) = max sin^2(pi t/2).
@@ -422,7 +419,7 @@ def blurring(
     h, w, c = _check_grid_shape(shape, "blurring")
     if not blur_sigma_max > 0 or not 0 < d_min < 1:
         raise ValueError(f"blurring needs blur_sigma_max > 0 and 0 < d_min < 1; got {blur_sigma_max}, {d_min}")
-    heat = spectral.heat_eigenvalues(h, w)[:, :, None]
+    heat = bases.heat_eigenvalues(h, w)[:, :, None]
     return validate(
         Process(
             params={"heat": heat},
@@ -440,7 +437,7 @@ def blurring(
 def ihdm(
     shape, num_levels: int = 200, blur_sigma_min: float = 0.5, blur_sigma_max: float = 24.0, noise: float = 0.01
 ) -> Process:
-    """Inverse heat dissipation (Rissanen et al.), DCT basis, discrete levels j/K (SPEC §2.4).
+    """Inverse heat dissipation (Rissanen et al.), DCT basis, discrete levels j/K (docs/math.md §2.4).
 
     alpha_j(k) = exp(-lambda_k sigma_B,j^2 / 2), sigma_B log-spaced from ``blur_sigma_min`` to
     ``blur_sigma_max`` (sigma_B,0 = 0), sigma = ``noise`` everywhere. **Its prior is not Gaussian**:
@@ -456,7 +453,7 @@ def ihdm(
     blur_sigma = np.concatenate([[0.0], np.geomspace(blur_sigma_min, blur_sigma_max, int(num_levels))])
     return validate(
         Process(
-            params={"heat": spectral.heat_eigenvalues(h, w)[:, :, None], "blur_sigma": blur_sigma},
+            params={"heat": bases.heat_eigenvalues(h, w)[:, :, None], "blur_sigma": blur_sigma},
             kind="ihdm",
             basis="dct",
             grid_shape=(h, w, 1),
@@ -467,7 +464,7 @@ def ihdm(
 
 
 def check_spectrum(spectrum, basis: str = "dft") -> np.ndarray:
-    """Validate a power spectrum (H, W, C): finite, > 0 and, for the DFT, even in k (SPEC V4)."""
+    """Validate a power spectrum (H, W, C): finite, > 0 and, for the DFT, even in k (docs/math.md §1.3 V4)."""
     s = np.asarray(spectrum, dtype=np.float64)
     if s.ndim != 3 or min(s.shape) < 1:
         raise ValueError(f"spectrum must have shape (H, W, C); got {s.shape}")
@@ -479,7 +476,7 @@ def check_spectrum(spectrum, basis: str = "dft") -> np.ndarray:
             f"is {s[idx]!r} (floor estimated spectra at a small positive value, e.g. 1e-8)"
         )
     if basis == "dft":
-        mirrored = spectral.mirror(s)
+        mirrored = bases.mirror(s)
         asym = np.abs(mirrored - s) > 1e-6 * np.abs(s)
         if asym.any():
             idx = tuple(int(i) for i in np.argwhere(asym)[0])
@@ -491,14 +488,14 @@ def check_spectrum(spectrum, basis: str = "dft") -> np.ndarray:
 
 
 def spd(spectrum, basis: str = "dft", deviation: float = 0.0, direction=None) -> Process:
-    """Shortest path diffusion (SPEC §2.5): the Fisher geodesic from N_B(0, S) to N(0, I).
+    """Shortest path diffusion (docs/math.md §2.5): the Fisher geodesic from N_B(0, S) to N(0, I).
 
     abar_t(k) = expm1((1-t) L_k)/expm1(L_k), sigma_t(k)^2 = expm1(-t L_k)/expm1(-L_k), L = log S,
     so that alpha^2 S + sigma^2 = S^(1-t). ``spectrum`` is an (H, W, C) array on the basis's grid
-    (see :mod:`spd_jax.spectrum`).
+    (see :mod:`spd_jax.diffusion.spectrum`).
 
     ``deviation`` (epsilon) and ``direction`` (h(k), an array broadcastable to the grid, default
-    +1 below the median |k| and -1 above) give the SPEC §3.5 deviation family: the exponent
+    +1 below the median |k| and -1 above) give the docs/math.md §3.5 deviation family: the exponent
     1 - t becomes 1 - t + epsilon 4 t (1 - t) h(k); epsilon = 0 is SPD itself.
     """
     s = check_spectrum(spectrum, basis)
@@ -521,7 +518,7 @@ def spd(spectrum, basis: str = "dft", deviation: float = 0.0, direction=None) ->
         Process(
             params={"log_spectrum": log_s, "direction": direction},
             kind="spd",
-            basis=spectral.check_basis(basis),
+            basis=bases.check_basis(basis),
             grid_shape=s.shape,
             config=_config(deviation=deviation),
             name=name,
@@ -530,8 +527,8 @@ def spd(spectrum, basis: str = "dft", deviation: float = 0.0, direction=None) ->
 
 
 def default_deviation_direction(shape, basis: str = "dft") -> np.ndarray:
-    """h(k) = +1 for |k| <= median |k|, -1 otherwise (SPEC §3.5), shaped (H, W, C)."""
-    mag = spectral.frequency_magnitude(shape[0], shape[1], basis)
+    """h(k) = +1 for |k| <= median |k|, -1 otherwise (docs/math.md §3.5), shaped (H, W, C)."""
+    mag = bases.frequency_magnitude(shape[0], shape[1], basis)
     h = np.where(mag <= np.median(mag), 1.0, -1.0)
     return np.broadcast_to(h[:, :, None], tuple(shape)).copy()
 
@@ -550,7 +547,7 @@ def rectified_flow() -> Process:
 
 @struct.dataclass
 class DDMLinearProcess:
-    """DDM linear attenuation (SPEC §2.6b): x_t = (1-t) x_0 + (a/2)(t^2 - t) + sqrt(t) eps.
+    """DDM linear attenuation (docs/math.md §2.6b): x_t = (1-t) x_0 + (a/2)(t^2 - t) + sqrt(t) eps.
 
     a = clip(N(0, 1), -1, 1) per element, independent of x_0: the offset makes the marginal
     non-Gaussian, so this is *not* a :class:`Process`; it has its own (a, C) head and bridge step
@@ -617,7 +614,7 @@ def make(name: str, *, shape=None, spectrum=None, **kwargs: Any):
     check_name(name, PROCESS_NAMES, "process")
     if name == "spd":
         if spectrum is None:
-            raise ValueError("process 'spd' needs a spectrum (H, W, C); see spd_jax.spectrum")
+            raise ValueError("process 'spd' needs a spectrum (H, W, C); see spd_jax.diffusion.spectrum")
         return spd(spectrum, **kwargs)
     if name in ("blurring", "ihdm"):
         if shape is None:

@@ -11,7 +11,7 @@
   process's local rows.
 
 Batches are dicts ``{"image": (B, H, W, C)}`` in model units; the train step adds ``"index"``, the
-example's position in the *global* batch, so the per-example noise (SPEC §0) does not depend on
+example's position in the *global* batch, so the per-example noise (docs/math.md §0) does not depend on
 the device or process count.
 """
 
@@ -26,10 +26,12 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from spd_jax.losses import LossFn
+from spd_jax.training import compile_cache
+
 DATA_AXIS = "data"
 SCHEDULES = ("constant", "cosine")
 
-LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
 class TrainState(struct.PyTreeNode):
@@ -106,7 +108,7 @@ def make_optimizer(
 
 
 def ema_decay(num_updates, ema: float):
-    """EMA decay with warm-up (SPEC §10): min(ema, (1 + n) / (10 + n)) after n updates."""
+    """EMA decay with warm-up (docs/math.md §10): min(ema, (1 + n) / (10 + n)) after n updates."""
     n = jnp.asarray(num_updates, jnp.float32)
     return jnp.minimum(ema, (1.0 + n) / (10.0 + n))
 
@@ -221,8 +223,17 @@ def shard_train_step(multi_step: Callable, mesh: Mesh, fast_compile: bool = Fals
         in_shardings=(rep, batch_sharding(mesh, 1)),
         out_shardings=(rep, rep),
         donate_argnums=(0,),
-        compiler_options=FAST_COMPILE if fast_compile else None,
+        compiler_options=compiler_options(mesh, fast_compile),
     )
+
+
+def compiler_options(mesh: Mesh, fast_compile: bool = False) -> dict | None:
+    """XLA options of a program on ``mesh``: the faster XLA:CPU convolution path on CPU
+    (:func:`~spd_jax.training.compile_cache.cpu_compiler_options`), plus :data:`FAST_COMPILE`."""
+    options = compile_cache.cpu_compiler_options(mesh.devices.flat[0].platform)
+    if fast_compile:
+        options.update(FAST_COMPILE)
+    return options or None
 
 
 def replicate(tree, mesh: Mesh):

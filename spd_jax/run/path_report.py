@@ -12,12 +12,13 @@ shortest length, since a process's surrogate must be diagonal in the process's b
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
+from etils import epath
 
-from spd_jax import data, fisher, processes, spectral, spectrum
+from spd_jax import data
+from spd_jax.diffusion import bases, fisher, processes, spectrum
 
 
 def _processes(spec_dft: np.ndarray, shape: tuple, deviations) -> list:
@@ -91,7 +92,12 @@ def markdown(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
-def _plot_spectrum(path: str, spec: np.ndarray, preset: np.ndarray, fit) -> None:
+def _save_figure(fig, path: epath.Path) -> None:
+    with path.open("wb") as f:
+        fig.savefig(f, dpi=110, format="png")
+
+
+def _plot_spectrum(path: epath.Path, spec: np.ndarray, preset: np.ndarray, fit) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,11 +114,11 @@ def _plot_spectrum(path: str, spec: np.ndarray, preset: np.ndarray, fit) -> None
     ax.set_ylabel("S(k), model units")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
-def _plot_gains(path: str, spec: np.ndarray) -> None:
+def _plot_gains(path: epath.Path, spec: np.ndarray) -> None:
     """SPD signal gain alpha_t(k) and noise gain sigma_t(k) against |k| for several t."""
     import matplotlib
 
@@ -122,7 +128,7 @@ def _plot_gains(path: str, spec: np.ndarray) -> None:
     proc, vp = processes.spd(spec), processes.vp_cosine()
     times = np.array([0.05, 0.2, 0.4, 0.6, 0.8, 0.95])
     alpha, sigma = proc.marginal64(times)
-    rings = np.round(spectral.frequency_magnitude(spec.shape[0], spec.shape[1])).astype(int)
+    rings = np.round(bases.frequency_magnitude(spec.shape[0], spec.shape[1])).astype(int)
     radii = np.unique(rings)
 
     def ring_mean(gain):  # average the red channel's gain over rings round(|k|)
@@ -144,13 +150,14 @@ def _plot_gains(path: str, spec: np.ndarray) -> None:
     axes[0].set_ylabel("gain (solid: SPD, red; dotted: cosine VP)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
 def run(config, workdir: str) -> dict:
     """Compute and write the report; returns the JSON-able result."""
-    os.makedirs(workdir, exist_ok=True)
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     images = data.load_patches("train", crops_per_photo=int(config.crops_per_photo), seed=int(config.seed))
     shape = images.shape[1:]
@@ -176,13 +183,12 @@ def run(config, workdir: str) -> dict:
                      f"Estimated spectrum of {images.shape[0]} embedded 32x32x3 photo patches"),
         ]
     )
-    with open(os.path.join(workdir, "fisher_lengths.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(workdir, "fisher_lengths.md"), "w") as f:
-        f.write(text + "\n")
-    np.savez(os.path.join(workdir, "spectrum.npz"), dft=spec_dft, dct=spec_dct)
-    _plot_spectrum(os.path.join(workdir, "spectrum.png"), spec_dft, preset_dft, fit)
-    _plot_gains(os.path.join(workdir, "spd_gains.png"), spec_dft)
+    (workdir / "fisher_lengths.json").write_text(json.dumps(result, indent=1))
+    (workdir / "fisher_lengths.md").write_text(text + "\n")
+    with (workdir / "spectrum.npz").open("wb") as f:
+        np.savez(f, dft=spec_dft, dct=spec_dct)
+    _plot_spectrum(workdir / "spectrum.png", spec_dft, preset_dft, fit)
+    _plot_gains(workdir / "spd_gains.png", spec_dft)
     print(text)
     print(f"\npower-law fit of the patch spectrum: c1={fit.c1:.4g} c2={fit.c2:.4g} m={fit.m:.4g}")
     print(f"wrote {workdir}/fisher_lengths.{{json,md}}, spectrum.png, spd_gains.png "

@@ -1,9 +1,9 @@
-"""Per-frequency conversions between network targets (SPEC §4) and the denoiser contract.
+"""Per-frequency conversions between network targets (docs/math.md §4) and the denoiser contract.
 
 Per-frequency functions act on spectral coefficients u (or on pixels for frequency-independent
 processes) with (alpha, sigma) from :meth:`Process.marginal`; u_t = alpha u_0 + sigma eps.
 
-The denoiser contract (SPEC §0): ``denoiser(x_t, t, *, key=None) -> Prediction(x0, eps)`` in pixel
+The denoiser contract (docs/math.md §0): ``denoiser(x_t, t, *, key=None) -> Prediction(x0, eps)`` in pixel
 space, x_t of shape (B, H, W, C), t of shape (B,), both fields unclipped. DDM dual heads may also
 fill ``c`` (the c-head's estimate of c = -x_0), which ``ddm_bridge`` uses.
 """
@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from spd_jax import spectral
+from spd_jax.diffusion import bases
 
 TARGETS = ("eps", "x0", "v", "flow", "score")
 
@@ -85,7 +85,7 @@ def ddm_eps_from_c(x_t, c, alpha, sigma):
 # ---- pixel-space adapters ---------------------------------------------------------------------
 
 
-def _basis(process) -> str:
+def basis_of(process) -> str:
     return "identity" if process.is_scalar else process.basis
 
 
@@ -105,25 +105,25 @@ def target_from_x0_eps(process, x0, eps, t, target: str):
     if target == "x0":
         return x0
     alpha, sigma = process.marginal(t)
-    basis = _basis(process)
-    u0, ue = spectral.to_spectral(x0, basis), spectral.to_spectral(eps, basis)
+    basis = basis_of(process)
+    u0, ue = bases.to_spectral(x0, basis), bases.to_spectral(eps, basis)
     if target == "v":
-        return spectral.from_spectral(v_from_x0_eps(u0, ue, alpha, sigma), basis)
+        return bases.from_spectral(v_from_x0_eps(u0, ue, alpha, sigma), basis)
     if target == "flow":
         dalpha, dsigma = marginal_derivative(process, t)
-        return spectral.from_spectral(flow_from_x0_eps(u0, ue, dalpha, dsigma), basis)
+        return bases.from_spectral(flow_from_x0_eps(u0, ue, dalpha, dsigma), basis)
     if target == "score":
-        return spectral.from_spectral(score_from_eps(ue, sigma), basis)
+        return bases.from_spectral(score_from_eps(ue, sigma), basis)
     raise ValueError(f"unknown prediction target {target!r}; expected one of {TARGETS}")
 
 
 def prediction_from_output(process, x_t, t, output, target: str) -> Prediction:
     """Convert a network output (pixel space) for ``target`` into Prediction(x0, eps)."""
     alpha, sigma = process.marginal(t)
-    basis = _basis(process)
+    basis = basis_of(process)
     if target not in TARGETS:
         raise ValueError(f"unknown prediction target {target!r}; expected one of {TARGETS}")
-    u_t, u_out = spectral.to_spectral(x_t, basis), spectral.to_spectral(output, basis)
+    u_t, u_out = bases.to_spectral(x_t, basis), bases.to_spectral(output, basis)
     if target == "eps":
         u0, ue = x0_from_eps(u_t, u_out, alpha, sigma), u_out
     elif target == "x0":
@@ -135,7 +135,7 @@ def prediction_from_output(process, x_t, t, output, target: str) -> Prediction:
         u0, ue = x0_eps_from_flow(u_t, u_out, alpha, sigma, dalpha, dsigma)
     else:
         u0, ue = x0_eps_from_score(u_t, u_out, alpha, sigma)
-    return Prediction(x0=spectral.from_spectral(u0, basis), eps=spectral.from_spectral(ue, basis))
+    return Prediction(x0=bases.from_spectral(u0, basis), eps=bases.from_spectral(ue, basis))
 
 
 def ddm_prediction(process, x_t, t, c, eps) -> Prediction:

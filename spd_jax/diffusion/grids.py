@@ -1,4 +1,4 @@
-"""Time grids for samplers (SPEC §0 "Grids", §6.3, §6.8).
+"""Time grids for samplers (docs/math.md §0 "Grids", §6.3, §6.8).
 
 A grid is a float64 NumPy array of continuous times t_N > ... > t_0 in [0, 1] (t = 0 data), listed
 from the noisiest level to the cleanest; step i of a sampler moves t_i -> t_(i-1). Every grid of
@@ -10,18 +10,27 @@ Level-based grids (log-linear, Karras) are defined through the reference noise l
     sigma_ref(t) = geometric mean over frequencies (and channels) of sigma_t(k) / alpha_t(k),
 
 which is sigma^VE for frequency-independent processes; it is inverted by bisection in float64.
+Their clean end is one reference level :data:`SIGMA_END` = 0.002 for every process (EDM's
+sigma_min; chosen by the exact-law KL, docs/results), raised to the lowest level a process reaches
+(blurring: sigma_ref(0) = 0.0067); ``t_end`` overrides it by a time. The uniform grids end at
+t_max / N (no end option); ``adm``, ``ddm_public`` and ``ge_discrete`` reproduce official grids.
+A tuned grid (:mod:`spd_jax.diffusion.tune`) is saved as JSON and read back with :func:`load_tuned`.
 On discrete processes (``vp_linear(num_steps=T)``) every level is snapped to the process's own
 levels j / T (the smallest level whose sigma_ref reaches the target, as in the GE code).
 """
 
 from __future__ import annotations
 
+import json
+from typing import NamedTuple
+
 import numpy as np
+from etils import epath
 
-from spd_jax.processes import Process, check_name
+from spd_jax.diffusion.processes import Process, check_name
 
-T_MAX = 1.0 - 1e-3  #: default top level of every grid (SPEC V5: alpha_1 may vanish)
-T_END = 1e-3  #: default clean end of the log-linear and Karras reference range
+T_MAX = 1.0 - 1e-3  #: default top level of every grid (docs/math.md §1.3 V5: alpha_1 may vanish)
+SIGMA_END = 0.002  #: default clean end of the log-linear and Karras grids: a reference level sigma_ref
 ADM_T_END = 1e-4  #: ADM-Public's last noisy level (sigma_min^2 of the sqrt(t) variant)
 DDM_PUBLIC_SPLIT = 1e-4  #: DDM-Public splits its last step at this time
 
@@ -49,7 +58,7 @@ def _discrete_levels(process: Process) -> np.ndarray:
 def time_at_level(process: Process, targets, t_lo: float, t_hi: float) -> np.ndarray:
     """Times t in [t_lo, t_hi] with sigma_ref(t) = target (bisection in float64).
 
-    sigma_ref is non-decreasing in t for every valid process (SPEC V2). Targets outside
+    sigma_ref is non-decreasing in t for every valid process (docs/math.md §1.3 V2). Targets outside
     [sigma_ref(t_lo), sigma_ref(t_hi)] are clamped to the interval's ends. Discrete processes
     return the smallest level j / T in the interval with sigma_ref >= target.
     """
@@ -86,12 +95,12 @@ def _snap(process: Process, grid: np.ndarray) -> np.ndarray:
 
 
 def uniform_t(process: Process, num_steps: int, *, t_max: float = T_MAX) -> np.ndarray:
-    """N + 1 levels uniform in t from ``t_max`` down to 0 (SPEC §6.8)."""
+    """N + 1 levels uniform in t from ``t_max`` down to 0 (docs/math.md §6.8)."""
     return _snap(process, np.linspace(t_max, 0.0, num_steps + 1))
 
 
 def uniform_tau(process: Process, num_steps: int, *, t_max: float = T_MAX) -> np.ndarray:
-    """SPD's official convention (SPEC §2.5): N noisy levels uniform in tau = 1 - t over
+    """SPD's official convention (docs/math.md §2.5): N noisy levels uniform in tau = 1 - t over
     [1 - t_max, t_max] (symmetric ends, tau = 0 and 1 never hit), then t = 0.
 
     With t_max = 1 - 1/T this is the official T-step SPD grid.
@@ -103,30 +112,54 @@ def uniform_tau(process: Process, num_steps: int, *, t_max: float = T_MAX) -> np
     return _snap(process, _with_zero(np.linspace(t_max, 1.0 - t_max, num_steps)))
 
 
-def _level_range(process: Process, t_max: float, t_end: float) -> tuple[float, float, float]:
-    """(sigma_ref(t_max), sigma_ref(t_end), t_end), t_end raised to a discrete process's first level."""
-    if process.num_levels is not None:
-        t_end = max(t_end, 1.0 / process.num_levels)
-    top, end = reference_level(process, [t_max, t_end])
-    return top, end, t_end
+def _level_range(process: Process, t_max: float, t_end, sigma_end) -> tuple[float, float, float]:
+    """(sigma_ref(t_max), end level, t of the end level) of the level-based grids.
 
-
-def log_linear(process: Process, num_steps: int, *, t_max: float = T_MAX, t_end: float = T_END) -> np.ndarray:
-    """N levels log-linear in sigma_ref from sigma_ref(t_max) to sigma_ref(t_end), then t = 0.
-
-    The continuous and spectral form of the GE grid (SPEC §0); see :func:`ge_discrete` for the
-    paper's discrete table.
+    The end level is ``sigma_end`` (default :data:`SIGMA_END`, the same for every process), or
+    sigma_ref(t_end) when ``t_end`` is given; it is raised to the lowest level the process reaches
+    (sigma_ref(0), e.g. blurring's sigma_0, or a discrete process's first level j = 1).
     """
-    top, end, t_end = _level_range(process, t_max, t_end)
+    t_min = 0.0 if process.num_levels is None else 1.0 / process.num_levels
+    if t_end is not None:
+        t_end = max(float(t_end), t_min)
+        top, end = reference_level(process, [t_max, t_end])
+        return top, end, t_end
+    floor = float(reference_level(process, [t_min])[0])
+    end = max(float(SIGMA_END if sigma_end is None else sigma_end), floor)
+    t_end = float(time_at_level(process, [end], t_min, t_max)[0])
+    top = float(reference_level(process, [t_max])[0])
+    if process.num_levels is not None:  # snapped: the level actually reached
+        end = float(reference_level(process, [t_end])[0])
+    return top, min(end, top), t_end
+
+
+def log_linear(
+    process: Process, num_steps: int, *, t_max: float = T_MAX, sigma_end: float | None = None, t_end=None
+) -> np.ndarray:
+    """N levels log-linear in sigma_ref from sigma_ref(t_max) to the end level, then t = 0.
+
+    The end level is ``sigma_end`` (default :data:`SIGMA_END`, one process-independent reference
+    noise level, docs/math.md §0 "Grids") or, when given, sigma_ref(``t_end``). The continuous and
+    spectral form of the GE grid; see :func:`ge_discrete` for the paper's discrete table. For a
+    frequency-independent process it is uniform in log-SNR (DPM-Solver's "logSNR" spacing).
+    """
+    top, end, t_end = _level_range(process, t_max, t_end, sigma_end)
     targets = np.geomspace(top, end, num_steps)
     return _with_zero(time_at_level(process, targets, t_end, t_max))
 
 
 def karras(
-    process: Process, num_steps: int, *, t_max: float = T_MAX, t_end: float = T_END, rho: float = 7.0
+    process: Process,
+    num_steps: int,
+    *,
+    t_max: float = T_MAX,
+    sigma_end: float | None = None,
+    t_end=None,
+    rho: float = 7.0,
 ) -> np.ndarray:
-    """EDM's rho-schedule in sigma_ref between sigma_ref(t_max) and sigma_ref(t_end), then t = 0."""
-    top, end, t_end = _level_range(process, t_max, t_end)
+    """EDM's rho-schedule in sigma_ref between sigma_ref(t_max) and the end level (see
+    :func:`log_linear`), then t = 0."""
+    top, end, t_end = _level_range(process, t_max, t_end, sigma_end)
     if num_steps == 1:
         return _with_zero([t_max])
     frac = np.arange(num_steps, dtype=np.float64) / (num_steps - 1)
@@ -135,7 +168,7 @@ def karras(
 
 
 def ge_discrete(process: Process, num_steps: int, *, sigma_start: float = 40.0) -> np.ndarray:
-    """The GE paper's log-linear table for a discrete VP process (SPEC §6.3, official code).
+    """The GE paper's log-linear table for a discrete VP process (docs/math.md §6.3, official code).
 
     With DDPM indices d = 0..T-1 (level t = (d + 1)/T) and sigma(d) = sqrt(1/abar_d - 1):
     t_e = int(linspace(T-1, 0, N+1)[N-1]), sigma_end = sqrt(sigma(t_e) sigma(0)), N geometric
@@ -158,14 +191,14 @@ def ge_discrete(process: Process, num_steps: int, *, sigma_start: float = 40.0) 
 
 
 def adm(process: Process, num_steps: int, *, t_max: float = T_MAX, t_end: float = ADM_T_END) -> np.ndarray:
-    """ADM-Public's grid (SPEC §6.4): N levels linear from ``t_max`` to ``t_end``, then t = 0."""
+    """ADM-Public's grid (docs/math.md §6.4): N levels linear from ``t_max`` to ``t_end``, then t = 0."""
     if num_steps == 1:
         return _snap(process, _with_zero([t_max]))
     return _snap(process, _with_zero(np.linspace(t_max, t_end, num_steps)))
 
 
 def ddm_public(process: Process, num_steps: int, *, t_max: float = T_MAX) -> np.ndarray:
-    """DDM-Public's default (SPEC §6.4): uniform steps t_max/N, the last one split at 1e-4.
+    """DDM-Public's default (docs/math.md §6.4): uniform steps t_max/N, the last one split at 1e-4.
 
     N + 2 levels, N + 1 steps (N + 1 NFE for "N steps").
     """
@@ -187,8 +220,8 @@ _BUILDERS = {
 GRID_OPTIONS = {
     "uniform_t": ("t_max",),
     "uniform_tau": ("t_max",),
-    "log_linear": ("t_max", "t_end"),
-    "karras": ("t_max", "t_end", "rho"),
+    "log_linear": ("t_max", "sigma_end", "t_end"),
+    "karras": ("t_max", "sigma_end", "t_end", "rho"),
     "ge_discrete": ("sigma_start",),
     "adm": ("t_max", "t_end"),
     "ddm_public": ("t_max",),
@@ -229,4 +262,58 @@ def make(name: str, process: Process, num_steps: int, **options) -> np.ndarray:
     t_end = options.get("t_end")
     if t_end is not None and not 0 < t_end < t_max:
         raise ValueError(f"t_end must be in (0, t_max); got t_end={t_end}, t_max={t_max}")
+    sigma_end = options.get("sigma_end")
+    if sigma_end is not None and not (np.isfinite(sigma_end) and sigma_end > 0):
+        raise ValueError(f"sigma_end must be a reference noise level > 0; got {sigma_end}")
     return check_grid(_BUILDERS[name](process, int(num_steps), **options))
+
+
+# ---------------------------------------------------------------------------------------------
+# tuned grids (written by spd_jax.diffusion.tune.save / python -m spd_jax.run.tune)
+# ---------------------------------------------------------------------------------------------
+
+TUNED_DIR = "tuned"  #: tuned grids live in WORKDIR/tuned/<name>.json
+TUNED_PREFIX = "tuned:"  #: config.sample.grid = "tuned:NAME" names WORKDIR/tuned/NAME.json
+
+
+class TunedGrid(NamedTuple):
+    """A saved tuned setting: ``sample(..., method=method, num_steps=num_steps, grid=grid, **knobs)``."""
+
+    method: str
+    num_steps: int
+    grid: np.ndarray
+    knobs: dict
+    record: dict  # the whole JSON record (KLs, process, spectrum source, ...)
+
+
+def is_tuned(grid) -> bool:
+    """Whether a grid setting names a saved tuned grid (``tuned:NAME`` or a ``.json`` path)."""
+    return isinstance(grid, str) and (grid.startswith(TUNED_PREFIX) or grid.endswith(".json"))
+
+
+def tuned_path(name_or_path: str, workdir: str | None = None) -> str:
+    """The JSON file of a tuned grid: an existing path as given, else WORKDIR/tuned/<name>.json
+    (any ``etils.epath`` path, e.g. gs://...)."""
+    name_or_path = name_or_path.removeprefix(TUNED_PREFIX)
+    if epath.Path(name_or_path).is_file():
+        return name_or_path
+    if workdir is not None:
+        stem = name_or_path[:-5] if name_or_path.endswith(".json") else name_or_path
+        path = epath.Path(workdir) / TUNED_DIR / (stem + ".json")
+        if path.is_file():
+            return str(path)
+    where = f" or {epath.Path(workdir) / TUNED_DIR}" if workdir else ""
+    raise FileNotFoundError(f"no tuned grid {name_or_path!r} (a JSON path{where}); "
+                            "make one with python -m spd_jax.run.tune")
+
+
+def load_tuned(name_or_path: str, workdir: str | None = None) -> TunedGrid:
+    """Read a tuned grid saved by :func:`spd_jax.diffusion.tune.save` (a path, or a name under
+    WORKDIR/tuned/); the grid is validated and used as given (docs/math.md §0 "Grids")."""
+    record = json.loads(epath.Path(tuned_path(name_or_path, workdir)).read_text())
+    for key in ("method", "grid", "knobs"):
+        if key not in record:
+            raise ValueError(f"tuned grid {name_or_path!r} has no field {key!r}")
+    grid = check_grid(record["grid"])
+    knobs = {k: (np.asarray(v, np.float64) if isinstance(v, list) else v) for k, v in record["knobs"].items()}
+    return TunedGrid(str(record["method"]), grid.size - 1, grid, knobs, record)

@@ -9,20 +9,22 @@ from __future__ import annotations
 import os
 
 import ml_collections
+from etils import epath
 
-from spd_jax import data, grids, processes, samplers
+from spd_jax import data
+from spd_jax.diffusion import grids, processes, samplers
 from spd_jax.losses import DDM_WEIGHTINGS
 from spd_jax.models.heads import DDM_HEADS, HEADS
 from spd_jax.models.unet import RESAMPLE_MODES, TIME_EMBEDDINGS
-from spd_jax.train import SCHEDULES
+from spd_jax.tasks import FACTORS, MASKS, TASK_NAMES
+from spd_jax.training import SCHEDULES
 
 MODEL_KINDS = ("unet", "smd")
 #: processes the training system can train and sample (IHDM needs its residual loss and sampler,
 #: ddm_linear its own (a, C) head and bridge step)
 TRAINABLE_PROCESSES = tuple(p for p in processes.PROCESS_NAMES if p not in ("ihdm", "ddm_linear"))
 SPECTRUM_SOURCES = ("estimate", "preset")
-#: image sizes of the datasets at native resolution
-NATIVE_SIZES = {"digits": 8, "patches": 32, "cifar10": 32, "mnist": 28, "fashion_mnist": 28, "svhn_cropped": 32}
+SMD_LOSSES = ("single_eta", "mixture")
 
 
 def _fail(field: str, value, expected: str):
@@ -51,15 +53,6 @@ def _positive(config, *fields: str) -> None:
             _fail(field, value, "an integer >= 1")
 
 
-def image_size(config) -> int:
-    """Training image side length in pixels (square images)."""
-    if config.data.image_size:
-        return int(config.data.image_size)
-    if config.data.name == "celeb_a":
-        return 64
-    return NATIVE_SIZES[config.data.name]
-
-
 class ConfigError(ValueError):
     """A config value (or the workdir) is unusable; raised before anything compiles or is written."""
 
@@ -83,9 +76,11 @@ def _validate(config, device_count: int, process_count: int) -> None:
     _name(config, "model.resample", RESAMPLE_MODES)
     _name(config, "model.time_embedding", TIME_EMBEDDINGS)
     _name(config, "loss.ddm_weighting", DDM_WEIGHTINGS)
+    _name(config, "loss.smd", SMD_LOSSES)
     _name(config, "optim.schedule", SCHEDULES)
     _name(config, "sample.method", samplers.METHODS)
-    if config.sample.grid:
+    tuned = grids.is_tuned(config.sample.grid)  # read (and checked) with the workdir, see builders
+    if config.sample.grid and not tuned:
         _name(config, "sample.grid", grids.GRIDS)
     _positive(
         config,
@@ -106,30 +101,39 @@ def _validate(config, device_count: int, process_count: int) -> None:
         "model.norm_groups",
         "model.input_kernel",
         "process.spectrum_images",
-        "data.num_threads",
+        "data.worker_buffer",
+        "loss.smd_samples",
     )
-    samplers.steps_for_nfe(config.sample.method, config.sample.nfe, grid=config.sample.grid or None)
-    grid = config.sample.grid or samplers.DEFAULT_GRIDS[config.sample.method]
-    knobs = tuple(samplers.KNOBS[config.sample.method]) + tuple(grids.GRID_OPTIONS[grid])
+    grid = None if tuned else config.sample.grid or None
+    samplers.steps_for_nfe(config.sample.method, config.sample.nfe, grid=grid)
+    grid = grid or samplers.DEFAULT_GRIDS[config.sample.method]
+    knobs = tuple(samplers.KNOBS[config.sample.method]) + (() if tuned else tuple(grids.GRID_OPTIONS[grid]))
     for name in config.sample.options:
         processes.check_name(name, knobs, f"key of config.sample.options for method {config.sample.method!r}")
     try:  # option values (eta, gamma, mu, kappa, ...): otherwise first checked at the first sample grid
-        samplers._resolve_knobs(config.sample.method, grid, dict(config.sample.options))
+        samplers.resolve_knobs(config.sample.method, grid, dict(config.sample.options))
     except ValueError as err:
         raise ConfigError(f"config.sample.options: {err}") from None
     if config.train.sample_every < 0:
         _fail("train.sample_every", config.train.sample_every, "an integer >= 0 (0 = only at the end)")
     if config.sample.grid_images < 0:
         _fail("sample.grid_images", config.sample.grid_images, "an integer >= 0 (0 = no sample grids)")
+    for field in ("data.num_threads", "data.prefetch", "data.worker_count"):
+        value = _get(config, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            _fail(field, value, "an integer >= 0")
+    if config.data.uint8 and config.data.name == "digits":
+        _fail("data.uint8", True, "False for the digits (they are not 8-bit images)")
     if config.data.image_size < 0:
         _fail("data.image_size", config.data.image_size, "an integer >= 0 (0 = native size)")
-    if config.data.name in data.EMBEDDED and config.data.image_size not in (0, NATIVE_SIZES[config.data.name]):
+    native = data.image_size(config.data.name)
+    if config.data.name in data.EMBEDDED and config.data.image_size not in (0, native):
         _fail("data.image_size", config.data.image_size,
-              f"0 for the embedded {config.data.name!r} images (native {NATIVE_SIZES[config.data.name]} px)")
+              f"0 for the embedded {config.data.name!r} images (native {native} px)")
     mult = tuple(config.model.channel_mult)
     if not mult or any(not isinstance(m, int) or m < 1 for m in mult):
         _fail("model.channel_mult", mult, "a non-empty tuple of integers >= 1")
-    size = image_size(config)
+    size = data.image_size(config.data.name, config.data.image_size)
     if size % 2 ** (len(mult) - 1):
         _fail("model.channel_mult", mult, f"at most log2-many levels for {size}-pixel images "
               f"({size} must be divisible by 2^(levels - 1))")
@@ -152,12 +156,17 @@ def _validate(config, device_count: int, process_count: int) -> None:
         _fail("loss.t_min", (config.loss.t_min, config.loss.t_max), "0 <= t_min < t_max <= 1")
     if not 0.0 < config.sample.t_max <= 1.0:
         _fail("sample.t_max", config.sample.t_max, "a time in (0, 1]")
+    if config.model.kind == "smd" and config.loss.smd == "mixture":
+        if not 0.0 <= config.loss.smd_step < config.loss.t_max:
+            _fail("loss.smd_step", config.loss.smd_step, "a reverse step in [0, loss.t_max) (0 = one discrete level)")
+        if not config.loss.smd_step and not config.process.num_levels:
+            _fail("loss.smd_step", config.loss.smd_step, "a reverse step > 0 for a continuous process")
     if config.process.num_levels and config.process.name != "vp_linear":
         _fail("process.num_levels", config.process.num_levels, "0 unless process.name is 'vp_linear'")
     if config.process.num_levels < 0 or config.process.num_levels == 1:
         _fail("process.num_levels", config.process.num_levels, "0 (continuous) or an integer >= 2")
     _check_families(config)
-    __import__("spd_jax.conditional").conditional.validate_task(config)  # config.task (image-conditioned tasks)
+    _check_task(config)
 
 
 def _check_families(config) -> None:
@@ -172,24 +181,63 @@ def _check_families(config) -> None:
         _fail("sample.method", method, "a method other than 'smd' for a model without latent network")
     if kind == "smd" and method not in ("smd",):
         _fail("sample.method", method, "'smd' for an SMD model (its denoiser draws a latent per step)")
-    if method == "ddm_bridge" and head not in DDM_HEADS:
-        _fail("sample.method", method, f"a method other than 'ddm_bridge' for the {head!r} head")
 
 
-def check_workdir(workdir: str) -> str:
-    """Absolute workdir; raises if it exists as a file or cannot be created/written."""
+def input_files(config) -> list[str]:
+    """The image files of ``config.task.inputs`` (a comma list; empty for none)."""
+    inputs = config.task.get("inputs", "") if config.get("task", None) is not None else ""
+    return [p.strip() for p in str(inputs).split(",") if p.strip()]
+
+
+def _check_task(config) -> None:
+    t = config.get("task", None)
+    if t is None:
+        return
+    if t.name not in TASK_NAMES:
+        _fail("task.name", t.name,
+              f"one of {TASK_NAMES} ('' = unconditional, sr = super-resolution, inpaint = inpainting)")
+    if not isinstance(t.enforce_known, bool):
+        _fail("task.enforce_known", t.enforce_known, "True or False")
+    if t.name == "sr":
+        if isinstance(t.factor, bool) or t.factor not in FACTORS:
+            _fail("task.factor", t.factor, f"one of {FACTORS}")
+        size = data.image_size(config.data.name, config.data.image_size)
+        if size % t.factor:
+            _fail("task.factor", t.factor, f"a divisor of the {size}-pixel image size")
+    if t.name == "inpaint" and t.mask not in MASKS:
+        _fail("task.mask", t.mask, f"one of {MASKS}")
+    for path in input_files(config):
+        if not epath.Path(path).is_file():
+            _fail("task.inputs", t.inputs, f"a comma list of existing image files; {path!r} does not exist")
+    if t.inputs and not t.name:
+        _fail("task.inputs", t.inputs, "'' for an unconditional config (task.name = '')")
+
+
+def _is_local(path: epath.Path) -> bool:
+    return "://" not in str(path)
+
+
+def check_workdir(workdir: str | epath.PathLike) -> epath.Path:
+    """The workdir as an absolute ``epath.Path`` (local folders or any filesystem epath supports,
+    e.g. ``gs://bucket/run``); raises if it exists as a file or, for a local folder, cannot be
+    created or written."""
     if not workdir:
         raise ConfigError("--workdir is required")
-    path = os.path.abspath(workdir)
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise ConfigError(f"workdir {path!r} exists and is not a directory")
+    path = epath.Path(workdir)
+    if not _is_local(path):  # remote stores: permissions are checked by the first write
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"workdir {str(path)!r} exists and is not a directory")
+        return path
+    path = path.absolute()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"workdir {str(path)!r} exists and is not a directory")
         if not os.access(path, os.W_OK):
-            raise ConfigError(f"workdir {path!r} is not writable")
+            raise ConfigError(f"workdir {str(path)!r} is not writable")
         return path
     parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ConfigError(f"workdir {path!r} cannot be created: {parent!r} is not a writable directory")
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"workdir {str(path)!r} cannot be created: {str(parent)!r} is not a writable directory")
     return path

@@ -1,4 +1,4 @@
-"""Per-example randomness (SPEC §0): the noise of example i at step j is
+"""Per-example randomness (docs/math.md §0): the noise of example i at step j is
 normal(fold_in(fold_in(key, i), j)), so results never depend on batch position, chunking,
 device count or process count."""
 

@@ -1,4 +1,4 @@
-"""Samplers for every Gaussian process diagonal in a spectral basis (SPEC §0, §6).
+"""Samplers for every Gaussian process diagonal in a spectral basis (docs/math.md §0, §6).
 
 One entry point::
 
@@ -10,7 +10,7 @@ frequency-independent processes), with coefficient tables precomputed in float64
 :func:`plan`), cast once to float32, and applied in ONE jit-compiled ``jax.lax.scan`` over the
 grid. The denoiser sees pixel-space x_t = B^-1 u and continuous t of shape (B,).
 
-Methods (knobs; SPEC section):
+Methods (knobs; docs/math.md section):
 
 * ``ancestral`` (``variance`` = "posterior" | "fixed_large"; §6.1): posterior step (1.3).
 * ``ddim`` (``eta`` in [0, 1]; §6.2). eta = 1 equals ``ancestral``.
@@ -22,6 +22,13 @@ Methods (knobs; SPEC section):
   extension for other processes); deterministic: u_s = x0_hat + (1 - alpha_s) c_hat + sigma_s
   eps_hat. With the c-correction (default) c_hat := -clip(x0_hat), else the denoiser's raw ``c``
   (or -x0_hat if it has none); with ``clip_x0`` only c_hat is clipped, eps_hat is kept (official).
+* ``dpm_solver_pp`` (``order`` in {1, 2}, ``lower_order_final``, ``extrapolation``; §6.7b):
+  DPM-Solver++(2M), data prediction, the exponential-integrator step written in each
+  frequency's own half log-SNR lambda_t(k) = log(alpha_t(k) / sigma_t(k)):
+  u_s = (sigma_s/sigma_t) u_t + alpha_s (1 - e^-h) D, h = lambda_s - lambda_t, with
+  D = x0_hat + (w / (2 r)) (x0_hat - x0_hat_prev), r = h_prev / h, w = ``extrapolation``
+  (1 = the published 2M update, 0 = first order = DDIM); the first step is first order, and so
+  is the last with ``lower_order_final`` (always when it goes to zero noise, where h = inf).
 * ``heun`` (§6.5): Heun on the probability-flow ODE in VE form, Euler on the last step to
   zero noise (NFE 2N - 1).
 * ``predict_project`` (``kappa``, ``projection``; §6.6): Euler-Maruyama predict step on the
@@ -37,7 +44,7 @@ Heun take their update to sigma = 0; predict_project ends with a noise-free pred
 to t = 0). With ``clip_x0`` x0_hat is clipped to [-1, 1] in pixel space and eps_hat recomputed
 from it (except ``ddm_bridge``, see above).
 
-Randomness (SPEC §0): the noise of example i at step j is normal(fold_in(fold_in(key, i), j))
+Randomness (docs/math.md §0): the noise of example i at step j is normal(fold_in(fold_in(key, i), j))
 in pixel space, then transformed; the prior draw is ``process.prior_sample(key, shape, index)``;
 the latent key of example i at step j (``smd``) is fold_in(fold_in(key, i), LATENT_STEP_OFFSET + j).
 Pass ``index`` (global example indices) to split a batch into chunks with identical results.
@@ -48,16 +55,17 @@ e.g. the known-pixel projection of inpainting (:func:`spd_jax.tasks.known_pixel_
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spd_jax import grids, spectral
-from spd_jax.parameterization import Prediction
-from spd_jax.processes import Process, check_name
-from spd_jax.rng import example_index, example_keys, per_example_normal
+from spd_jax.diffusion import bases, grids
+from spd_jax.diffusion.parameterization import Prediction
+from spd_jax.diffusion.processes import Process, check_name
+from spd_jax.diffusion.rng import example_index, example_keys, per_example_normal
 
 METHODS = (
     "ancestral",
@@ -67,6 +75,7 @@ METHODS = (
     "heun",
     "predict_project",
     "smd",
+    "dpm_solver_pp",
 )
 
 #: grid used when ``grid=None``
@@ -78,6 +87,7 @@ DEFAULT_GRIDS = {
     "heun": "karras",
     "predict_project": "uniform_t",
     "smd": "uniform_t",
+    "dpm_solver_pp": "log_linear",
 }
 
 #: method knobs and their defaults
@@ -89,7 +99,11 @@ KNOBS = {
     "heun": {},
     "predict_project": {"kappa": 0.5, "projection": None},
     "smd": {"variance": "posterior"},
+    "dpm_solver_pp": {"order": 2, "lower_order_final": True, "extrapolation": 1.0},
 }
+
+#: knobs that may also be given per step (a sequence of num_steps values; e.g. tuned weights)
+PER_STEP_KNOBS = {"ddim": ("eta",), "gradient_estimation": ("gamma",), "dpm_solver_pp": ("extrapolation",)}
 
 LATENT_STEP_OFFSET = 1 << 30  #: step offset of the per-example latent keys given to ``smd`` denoisers
 
@@ -97,7 +111,7 @@ _DERIVATIVE_STEP = 1e-5  # central-difference step for f = dlog(alpha)/dt and ds
 
 
 class Plan(NamedTuple):
-    """A sampler run precomputed in float64 (SPEC §6.0).
+    """A sampler run precomputed in float64 (docs/math.md §6.0).
 
     grid: (S + 1,) t levels, noisiest first; tables: name -> (S, ...) arrays, one row per step
     (``t_cur``, ``t_next``, ``alpha_cur``, ``sigma_cur``, ``alpha_next``, ``sigma_next`` and the
@@ -126,7 +140,7 @@ class Spectral(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# per-step updates, shared by the JAX scan and the float64 analysis in spd_jax.analytic.
+# per-step updates, shared by the JAX scan and the float64 analysis in spd_jax.diffusion.analytic.
 # ``state`` = (u, eps_prev); ``c`` = this step's table row; ``ops`` supplies predict(u, level),
 # noise(), cond(flag, f, g) and projection (None or u -> T(u)). Only +, -, and products with
 # table entries act on u, so the same code propagates exact Gaussian laws.
@@ -150,6 +164,13 @@ def _ge_update(state, c, ops):
     eps = ops.predict(u, "cur").eps
     eps_bar = c["gamma"] * eps + (1.0 - c["gamma"]) * eps_prev
     return c["a_u"] * u + c["a_e"] * eps_bar + c["a_z"] * ops.noise(), eps
+
+
+def _dpm_update(state, c, ops):
+    u, x0_prev = state  # the cache slot holds the previous step's x0_hat
+    x0 = ops.predict(u, "cur").x0
+    d = x0 + c["extrap"] * (x0 - x0_prev)
+    return c["a_u"] * u + c["a_0"] * d, x0
 
 
 def _bridge_update(state, c, ops):
@@ -190,19 +211,13 @@ UPDATES = {
     "heun": _heun_update,
     "predict_project": _pp_update,
     "smd": _ancestral_update,
+    "dpm_solver_pp": _dpm_update,
 }
 
 
 # ---------------------------------------------------------------------------------------------
 # float64 coefficient tables
 # ---------------------------------------------------------------------------------------------
-
-
-def _posterior(a_cur, s_cur, a_next, s_next):
-    """(coef on u_t, coef on u_0, posterior variance, sigma_{t|s}^2) of SPEC eq. (1.3)."""
-    a_ts = a_cur / a_next
-    var_ts = np.maximum(s_cur**2 - a_ts**2 * s_next**2, 0.0)
-    return a_ts * s_next**2 / s_cur**2, a_next * var_ts / s_cur**2, var_ts * s_next**2 / s_cur**2, var_ts
 
 
 def _ve_levels(a_cur, s_cur, a_next, s_next, final_zero):
@@ -215,7 +230,7 @@ def _ve_levels(a_cur, s_cur, a_next, s_next, final_zero):
 
 
 def _schedule_derivatives(process: Process, t: np.ndarray):
-    """(f, g^2) = (dlog alpha/dt, dsigma^2/dt - 2 f sigma^2) at times t (SPEC §1.2), float64."""
+    """(f, g^2) = (dlog alpha/dt, dsigma^2/dt - 2 f sigma^2) at times t (docs/math.md §1.2), float64."""
     lo = np.clip(t - _DERIVATIVE_STEP, 0.0, 1.0)
     hi = np.clip(t + _DERIVATIVE_STEP, 0.0, 1.0)
     step = (hi - lo).reshape((-1,) + (1,) * 3)
@@ -225,6 +240,93 @@ def _schedule_derivatives(process: Process, t: np.ndarray):
     f = (np.log(a_hi) - np.log(a_lo)) / step
     g2 = (s_hi**2 - s_lo**2) / step - 2.0 * f * sigma**2
     return f, np.maximum(g2, 0.0)
+
+
+#: methods whose coefficient tables :func:`linear_tables` builds with NumPy or JAX (the tuner
+#: differentiates through them, :mod:`spd_jax.diffusion.tune`)
+TABLE_METHODS = ("ancestral", "smd", "ddim", "gradient_estimation", "dpm_solver_pp")
+
+
+def _safe_sqrt(x, xp):
+    """sqrt(x) for x >= 0 with a zero (not NaN) gradient where x = 0."""
+    positive = x > 0
+    return xp.where(positive, xp.sqrt(xp.where(positive, x, 1.0)), 0.0)
+
+
+def _per_step(value, steps, xp):
+    """A scalar or per-step knob as a (steps, 1, 1, 1) float column."""
+    value = xp.asarray(value, dtype=float)
+    return xp.broadcast_to(value.reshape(-1, 1, 1, 1), (steps, 1, 1, 1))
+
+
+def linear_tables(method: str, alpha, sigma, knobs: dict, *, final_zero: bool, xp=np) -> dict:
+    """Coefficient tables of ``method`` (one of :data:`TABLE_METHODS`) from the levels' (alpha,
+    sigma) of shape (S + 1, ...), in NumPy float64 or (``xp=jax.numpy``) differentiably in JAX.
+
+    ``knobs`` are the resolved method knobs (per-step ones as scalars or (S,) sequences);
+    ``final_zero``: the last level is t = 0 (alpha, sigma there are not used: the final step
+    returns x0_hat, or takes GE's update to sigma = 0).
+    """
+    a_cur, s_cur, a_next, s_next = alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]
+    steps = a_cur.shape[0]
+    last = (np.arange(steps) == steps - 1).reshape((-1, 1, 1, 1))
+    first = (np.arange(steps) == 0).reshape((-1, 1, 1, 1))
+    final_mask = last & final_zero
+    # safe values at the final zero-noise level (overridden below; keeps JAX gradients finite)
+    a_next = xp.where(final_mask, 1.0, a_next)
+    s_next = xp.where(final_mask, 0.0, s_next)
+
+    def final(value, override):
+        return xp.where(final_mask, override, value)
+
+    if method in ("ancestral", "smd", "ddim"):
+        a_ts = a_cur / a_next
+        var_ts = xp.maximum(s_cur**2 - a_ts**2 * s_next**2, 0.0)
+        post_var = var_ts * s_next**2 / s_cur**2
+        if method == "ddim":
+            noise = _per_step(knobs["eta"], steps, xp) * _safe_sqrt(post_var, xp)
+            return {
+                "a_0": final(a_next, 1.0),
+                "a_e": final(_safe_sqrt(s_next**2 - noise**2, xp), 0.0),
+                "a_z": final(noise, 0.0),
+            }
+        std = _safe_sqrt(post_var if knobs["variance"] == "posterior" else var_ts, xp)
+        return {
+            "a_u": final(a_ts * s_next**2 / s_cur**2, 0.0),
+            "a_0": final(a_next * var_ts / s_cur**2, 1.0),
+            "a_z": final(std, 0.0),
+        }
+    if method == "gradient_estimation":
+        mu = knobs["mu"]
+        ve_cur, ve_next = s_cur / a_cur, final(s_next / a_next, 0.0)
+        if mu == 0:
+            ve_mid = ve_next
+        else:
+            positive = ve_next > 0
+            log_mid = (xp.log(xp.where(positive, ve_next, 1.0)) - mu * xp.log(ve_cur)) / (1.0 - mu)
+            ve_mid = xp.where(positive, xp.exp(log_mid), 0.0)
+        gamma = xp.where(first, 1.0, _per_step(knobs["gamma"], steps, xp))  # no cached eps at step 0
+        return {
+            "a_u": a_next / a_cur,
+            "a_e": -a_next * (ve_cur - ve_mid),
+            "a_z": a_next * _safe_sqrt(ve_next**2 - ve_mid**2, xp),
+            "gamma": gamma,
+        }
+    if method == "dpm_solver_pp":
+        s_safe = xp.where(final_mask, 1.0, s_next)
+        h = (xp.log(a_next) - xp.log(s_safe)) - (xp.log(a_cur) - xp.log(s_cur))  # lambda_s - lambda_t > 0
+        h_prev = xp.concatenate([h[:1], h[:-1]], axis=0)
+        second = ~first
+        if knobs["lower_order_final"]:
+            second = second & ~last
+        second = second & ~final_mask
+        weight = _per_step(knobs["extrapolation"], steps, xp) * (float(knobs["order"]) - 1.0)
+        return {
+            "a_u": final(s_next / s_cur, 0.0),
+            "a_0": final(a_next * -xp.expm1(-h), 1.0),
+            "extrap": xp.where(second, weight * h / (2.0 * h_prev), 0.0),
+        }
+    raise AssertionError(method)
 
 
 def _method_tables(process, method, grid, levels, knobs):
@@ -237,34 +339,8 @@ def _method_tables(process, method, grid, levels, knobs):
     def final(value, override):
         return np.where(last.reshape((-1, 1, 1, 1)) & final_zero, override, value)
 
-    if method in ("ancestral", "smd"):
-        c_ut, c_u0, post_var, var_ts = _posterior(a_cur, s_cur, a_next, s_next)
-        std = np.sqrt(post_var if knobs["variance"] == "posterior" else var_ts)
-        return {"a_u": final(c_ut, 0.0), "a_0": final(c_u0, 1.0), "a_z": final(std, 0.0)}
-    if method == "ddim":
-        _, _, post_var, _ = _posterior(a_cur, s_cur, a_next, s_next)
-        noise = knobs["eta"] * np.sqrt(post_var)
-        return {
-            "a_0": final(a_next, 1.0),
-            "a_e": final(np.sqrt(np.maximum(s_next**2 - noise**2, 0.0)), 0.0),
-            "a_z": final(noise, 0.0),
-        }
-    if method == "gradient_estimation":
-        mu = knobs["mu"]
-        ve_cur, ve_next, a_eff = _ve_levels(a_cur, s_cur, a_next, s_next, final_zero)
-        if mu == 0:
-            ve_mid = ve_next
-        else:
-            log_mid = (np.log(ve_next) - mu * np.log(ve_cur)) / (1.0 - mu)
-            ve_mid = np.where(ve_next > 0, np.exp(log_mid), 0.0)
-        gamma = np.full((steps, 1, 1, 1), float(knobs["gamma"]))
-        gamma[0] = 1.0  # the first step has no cached eps
-        return {
-            "a_u": a_eff / a_cur,
-            "a_e": -a_eff * (ve_cur - ve_mid),
-            "a_z": a_eff * np.sqrt(np.maximum(ve_next**2 - ve_mid**2, 0.0)),
-            "gamma": gamma,
-        }
+    if method in TABLE_METHODS:
+        return linear_tables(method, a_all, s_all, knobs, final_zero=bool(final_zero))
     if method == "heun":
         ve_cur, ve_next, a_eff = _ve_levels(a_cur, s_cur, a_next, s_next, final_zero)
         return {
@@ -300,7 +376,7 @@ def _method_tables(process, method, grid, levels, knobs):
     raise AssertionError(method)
 
 
-def _resolve_knobs(method: str, grid, knobs: dict) -> tuple[dict, dict]:
+def resolve_knobs(method: str, grid, knobs: dict) -> tuple[dict, dict]:
     """Split ``knobs`` into (method knobs with defaults, grid options); reject unknown names."""
     grid_options = grids.GRID_OPTIONS[check_name(grid, grids.GRIDS, "grid")] if isinstance(grid, str) else ()
     valid = tuple(KNOBS[method]) + tuple(grid_options)
@@ -308,13 +384,22 @@ def _resolve_knobs(method: str, grid, knobs: dict) -> tuple[dict, dict]:
         check_name(name, valid, f"option of method {method!r}" + (f" with grid {grid!r}" if grid_options else ""))
     method_knobs = {name: knobs.get(name, default) for name, default in KNOBS[method].items()}
     grid_kw = {name: knobs[name] for name in grid_options if name in knobs}
-    if method == "ddim" and not 0.0 <= method_knobs["eta"] <= 1.0:
+    for name in PER_STEP_KNOBS.get(method, ()):
+        value = np.asarray(method_knobs[name], np.float64)
+        if value.ndim > 1 or not np.all(np.isfinite(value)):
+            raise ValueError(f"{method} {name} must be a finite number or a 1-D sequence of one per step; "
+                             f"got {method_knobs[name]!r}")
+        method_knobs[name] = float(value) if value.ndim == 0 else value
+    if method == "ddim" and not np.all((0.0 <= method_knobs["eta"]) & (method_knobs["eta"] <= 1.0)):
         raise ValueError(f"ddim eta must be in [0, 1]; got {method_knobs['eta']}")
-    if method == "gradient_estimation":
-        if not 0.0 <= method_knobs["mu"] < 1.0:
-            raise ValueError(f"gradient_estimation mu must be in [0, 1); got {method_knobs['mu']}")
-        if not np.isfinite(method_knobs["gamma"]):
-            raise ValueError(f"gradient_estimation gamma must be finite; got {method_knobs['gamma']}")
+    if method == "gradient_estimation" and not 0.0 <= method_knobs["mu"] < 1.0:
+        raise ValueError(f"gradient_estimation mu must be in [0, 1); got {method_knobs['mu']}")
+    if method == "dpm_solver_pp":
+        if method_knobs["order"] not in (1, 2) or isinstance(method_knobs["order"], bool):
+            raise ValueError(f"dpm_solver_pp order must be 1 or 2; got {method_knobs['order']!r}")
+        if not isinstance(method_knobs["lower_order_final"], (bool, np.bool_)):
+            raise ValueError(f"dpm_solver_pp lower_order_final must be True or False; "
+                             f"got {method_knobs['lower_order_final']!r}")
     if method in ("ancestral", "smd"):
         check_name(method_knobs["variance"], ("posterior", "fixed_large"), "ancestral variance")
     if method == "predict_project":
@@ -342,7 +427,7 @@ def check_process(process) -> Process:
     return process
 
 
-def _check_method(method: str) -> str:
+def check_method(method: str) -> str:
     return check_name(method, METHODS, "sampling method")
 
 
@@ -368,20 +453,26 @@ def _build_grid(process, method, num_steps, grid, grid_kw) -> np.ndarray:
 def plan(process: Process, *, method: str, num_steps: int, grid=None, **knobs) -> Plan:
     """Precompute a sampler run in float64: grid, per-step coefficient tables and NFE.
 
-    ``grid`` is a name from :data:`spd_jax.grids.GRIDS` (default :data:`DEFAULT_GRIDS`), with grid
-    options (``t_max``, ``t_end``, ``rho``, ``sigma_start``) among ``knobs``, or an explicit array
-    of ``num_steps + 1`` decreasing t levels.
+    ``grid`` is a name from :data:`spd_jax.diffusion.grids.GRIDS` (default :data:`DEFAULT_GRIDS`), with grid
+    options (``t_max``, ``sigma_end``, ``t_end``, ``rho``, ``sigma_start``) among ``knobs``, or an
+    explicit array of ``num_steps + 1`` decreasing t levels. The knobs of :data:`PER_STEP_KNOBS`
+    may be sequences of one value per step (e.g. a tuned grid's weights,
+    :func:`spd_jax.diffusion.grids.load_tuned`).
     """
     check_process(process)
-    method = _check_method(method)
+    method = check_method(method)
     num_steps = _check_num_steps(num_steps)
-    method_knobs, grid_kw = _resolve_knobs(method, DEFAULT_GRIDS[method] if grid is None else grid, knobs)
+    method_knobs, grid_kw = resolve_knobs(method, DEFAULT_GRIDS[method] if grid is None else grid, knobs)
     if method == "predict_project" and process.num_levels is not None:
         raise ValueError(
             f"predict_project needs the continuous SDE drift and diffusion (f, g^2) of the process; "
             f"{process.name!r} is discrete: use its continuous counterpart (e.g. vp_linear())"
         )
     grid = _build_grid(process, method, num_steps, grid, grid_kw)
+    for name in PER_STEP_KNOBS.get(method, ()):
+        value = method_knobs[name]
+        if np.ndim(value) == 1 and len(value) != grid.size - 1:
+            raise ValueError(f"{method} {name} has {len(value)} per-step values for {grid.size - 1} steps")
     alpha, sigma = process.marginal64(grid)
     shape = np.broadcast_shapes(alpha.shape, sigma.shape)
     alpha, sigma = np.broadcast_to(alpha, shape), np.broadcast_to(sigma, shape)
@@ -411,8 +502,8 @@ def plan(process: Process, *, method: str, num_steps: int, grid=None, **knobs) -
 
 
 def count_nfe(method: str, steps: int, *, final_zero: bool = True, projection=None) -> tuple[int, int]:
-    """(nfe, aux_nfe) of ``steps`` sampler steps (SPEC §6.8)."""
-    method = _check_method(method)
+    """(nfe, aux_nfe) of ``steps`` sampler steps (docs/math.md §6.8)."""
+    method = check_method(method)
     if method == "heun":
         return (2 * steps - 1 if final_zero else 2 * steps), 0
     if method == "predict_project":
@@ -423,12 +514,12 @@ def count_nfe(method: str, steps: int, *, final_zero: bool = True, projection=No
 
 
 def steps_for_nfe(method: str, target_nfe: int, *, grid=None) -> int:
-    """Largest num_steps N whose nominal NFE(N) <= ``target_nfe`` (SPEC §0 "NFE targets").
+    """Largest num_steps N whose nominal NFE(N) <= ``target_nfe`` (docs/math.md §0 "NFE targets").
 
     Nominal NFE: Heun 2N - 1 (2N on a grid not ending at t = 0), predict-project 2N, the
     ``ddm_public`` grid N + 1, otherwise N.
     """
-    method = _check_method(method)
+    method = check_method(method)
     name = DEFAULT_GRIDS[method] if grid is None else grid
     final_zero = name != "ge_discrete"
 
@@ -464,31 +555,31 @@ class _JaxOps:
         return jnp.full((self.shape[0],), self.c["t_" + level], jnp.float32)
 
     def predict(self, u, level) -> Spectral:
-        x = spectral.from_spectral(u, self.basis)
+        x = bases.from_spectral(u, self.basis)
         if self.smd:
             keys = example_keys(self.key, self.shape[0], self.index, step=LATENT_STEP_OFFSET + self.c["step"])
             pred = self.denoiser(x, self._time(level), key=keys)
         else:
             pred = self.denoiser(x, self._time(level))
         if not isinstance(pred, Prediction):
-            raise TypeError(f"a denoiser must return spd_jax.parameterization.Prediction; got {type(pred)}")
+            raise TypeError(f"a denoiser must return spd_jax.diffusion.parameterization.Prediction; got {type(pred)}")
         x0 = jnp.clip(pred.x0, -1.0, 1.0) if self.clip_x0 else pred.x0
-        u0 = spectral.to_spectral(x0, self.basis)
+        u0 = bases.to_spectral(x0, self.basis)
         if self.clip_x0 and not self.bridge:
             eps = (u - self.c["alpha_" + level] * u0) / self.c["sigma_" + level]
         else:
-            eps = spectral.to_spectral(pred.eps, self.basis)
+            eps = bases.to_spectral(pred.eps, self.basis)
         if self.c_correction or pred.c is None:
             neg_c = u0
         else:
-            neg_c = -spectral.to_spectral(pred.c, self.basis)
+            neg_c = -bases.to_spectral(pred.c, self.basis)
         return Spectral(u0, eps, neg_c)
 
     def noise(self):
         if not self.noisy:
             return 0.0
         z = per_example_normal(self.key, self.shape, jnp.float32, index=self.index, step=self.c["step"])
-        return spectral.to_spectral(z, self.basis)
+        return bases.to_spectral(z, self.basis)
 
     @staticmethod
     def cond(flag, true_fn, false_fn):
@@ -496,8 +587,8 @@ class _JaxOps:
 
     def _project_with(self, projection):
         def project(u):
-            x = spectral.from_spectral(u, self.basis)
-            return spectral.to_spectral(projection(x, self._time("next")), self.basis)
+            x = bases.from_spectral(u, self.basis)
+            return bases.to_spectral(projection(x, self._time("next")), self.basis)
 
         return project
 
@@ -505,11 +596,13 @@ class _JaxOps:
 _STATIC = ("denoiser", "projection", "method", "basis", "shape", "clip_x0", "c_correction", "noisy", "project")
 
 
-def _run(tables, process, key, x_init, index, *, denoiser, projection, method, basis, shape, clip_x0,
+def _run(tables, process, key, x_init, index, variables, *, denoiser, projection, method, basis, shape, clip_x0,
          c_correction, noisy, project=None):
+    if variables is not None:  # traced: one compilation serves every parameter set
+        denoiser = functools.partial(denoiser, variables)
     if x_init is None:
         x_init = process.prior_sample(key, shape, index=index)
-    u = spectral.to_spectral(x_init, basis)
+    u = bases.to_spectral(x_init, basis)
     update = UPDATES[method]
 
     def body(state, c):
@@ -529,12 +622,12 @@ def _run(tables, process, key, x_init, index, *, denoiser, projection, method, b
         )
         state = update(state, c, ops)
         if project is not None:  # e.g. known pixels re-imposed at the new level t_next (pixel space)
-            x = project(spectral.from_spectral(state[0], basis), c["t_next"], key, c["step"], index)
-            state = (spectral.to_spectral(x, basis), state[1])
+            x = project(bases.from_spectral(state[0], basis), c["t_next"], key, c["step"], index)
+            state = (bases.to_spectral(x, basis), state[1])
         return state, None
 
     (u, _), _ = jax.lax.scan(body, (u, jnp.zeros_like(u)), tables)
-    return spectral.from_spectral(u, basis)
+    return bases.from_spectral(u, basis)
 
 
 _run_jit = jax.jit(_run, static_argnames=_STATIC)
@@ -575,14 +668,19 @@ def sample(
     grid=None,
     index=None,
     project=None,
+    variables=None,
     **knobs,
 ) -> tuple[jax.Array, dict]:
     """Draw samples x (B, H, W, C), pixel space, with ``method`` over ``num_steps`` steps.
 
     Args:
-      denoiser: ``denoiser(x_t, t, *, key=None) -> Prediction`` (pixel space, t of shape (B,)).
-        Hashable (a function): compiled samplers are cached per denoiser object.
-      process: a Gaussian-prior :class:`~spd_jax.processes.Process`.
+      denoiser: ``denoiser(x_t, t, *, key=None) -> Prediction`` (pixel space, t of shape (B,)),
+        or ``denoiser(variables, x_t, t, *, key=None)`` when ``variables`` is given. Hashable (a
+        function): compiled samplers are cached per denoiser object, so pass a network's
+        parameters as ``variables`` rather than closing over them.
+      variables: a pytree handed to the denoiser as a traced argument (e.g. Flax variables):
+        sampling with another parameter set of the same structure reuses the compiled sampler.
+      process: a Gaussian-prior :class:`~spd_jax.diffusion.processes.Process`.
       method: one of :data:`METHODS`; ``knobs`` are its options (:data:`KNOBS`) and grid options.
       num_steps: sampler steps N (>= 1); the NFE is in ``info["nfe"]`` (see :func:`steps_for_nfe`).
       key: PRNG key; noise of example i at step j is normal(fold_in(fold_in(key, i), j)).
@@ -590,7 +688,7 @@ def sample(
         latent models and exactness tests; on for learned pixel-space models).
       shape, x_T: sample shape, or the starting state at the first grid level (default: a draw
         from ``process.prior_sample``).
-      grid: a grid name (:data:`spd_jax.grids.GRIDS`) or an explicit array of t levels.
+      grid: a grid name (:data:`spd_jax.diffusion.grids.GRIDS`) or an explicit array of t levels.
       index: global example indices (B,) of this batch (default arange(B)).
       project: optional ``project(x, t_next, key, step, index) -> x`` applied in pixel space after
         every step (t_next the level reached; 0 after the last step), e.g. a known-pixel projection.
@@ -601,7 +699,7 @@ def sample(
     if not isinstance(clip_x0, bool):
         raise ValueError(f"clip_x0 must be True or False; got {clip_x0!r}")
     check_process(process)
-    method = _check_method(method)
+    method = check_method(method)
     shape, x_T = _resolve_shape(process, shape, x_T)
     index = example_index(shape[0], index)
     plan_ = plan(process, method=method, num_steps=num_steps, grid=grid, **knobs)
@@ -620,6 +718,7 @@ def sample(
         key,
         x_T,
         index,
+        variables,
         denoiser=denoiser,
         projection=projection,
         method=method,

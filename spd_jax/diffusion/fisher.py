@@ -1,4 +1,4 @@
-"""Fisher-metric geometry of marginal paths under the Gaussian surrogate (SPEC §3).
+"""Fisher-metric geometry of marginal paths under the Gaussian surrogate (docs/math.md §3).
 
 For u_0 ~ N_B(0, S) a process has marginal variances v_t(k) = alpha_t(k)^2 S_k + sigma_t(k)^2 and
 Fisher speed^2 = 1/2 sum_k (d log v_k / dt)^2. In the coordinates log(v)/sqrt(2) the metric is
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spd_jax.processes import Process, check_spectrum, spd
+from spd_jax.diffusion.processes import Process, check_spectrum, spd
 
 
 def shortest_length(spectrum) -> np.ndarray:
@@ -67,7 +67,7 @@ def path_length(proc: Process, spectrum, num_points: int = 2**16, chunk: int = 1
 def endpoint_gaps(proc: Process, spectrum) -> tuple[np.ndarray, np.ndarray]:
     """Fisher distances (per channel) of the path's ends from N_B(0, S) at t = 0 and N(0, I) at t = 1.
 
-    Lengths are comparable only between processes whose gaps are both ~0 (SPEC §3.4).
+    Lengths are comparable only between processes whose gaps are both ~0 (docs/math.md §3.4).
     """
     s = check_spectrum(spectrum, basis="identity")
     log_v = np.log(_variance(proc, s, np.array([0.0, 1.0])))
@@ -78,7 +78,7 @@ def endpoint_gaps(proc: Process, spectrum) -> tuple[np.ndarray, np.ndarray]:
 
 def deviation_length(spectrum, deviation: float, direction=None, basis: str = "dft",
                      num_points: int = 2**16) -> np.ndarray:
-    """Fisher length (per channel) of the SPEC §3.5 deviation family at ``deviation`` (epsilon).
+    """Fisher length (per channel) of the docs/math.md §3.5 deviation family at ``deviation`` (epsilon).
 
     The path is v_k(t) = S_k^(e_k(t)), e_k(t) = 1 - t + epsilon 4 t (1 - t) h(k), realised by
     ``processes.spd(spectrum, deviation=epsilon, direction=h)``; epsilon = 0 is the geodesic.

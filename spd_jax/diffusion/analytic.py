@@ -1,6 +1,6 @@
-"""Exact denoisers and exact sampler laws for analytic testbeds (SPEC §7).
+"""Exact denoisers and exact sampler laws for analytic testbeds (docs/math.md §7).
 
-Denoisers (valid for every process; per frequency in the data's basis, SPEC §7.1-7.3):
+Denoisers (valid for every process; per frequency in the data's basis, docs/math.md §7.1-7.3):
 
 * :func:`gaussian_denoiser` — Gaussian data N_B(m, S) diagonal in the basis;
 * :func:`gmm_denoiser` — mixtures of such Gaussians (max-subtracted log-sum-exp, chunked over
@@ -14,9 +14,9 @@ frequency in the data basis.
 
 Exact laws: with the Gaussian denoiser every sampler except clipping is linear-Gaussian per
 frequency, u_out(k) = M(k) + sum_j g_j(k) xi_j(k). :func:`sampler_law` propagates that affine form
-through the *same* update code as :func:`spd_jax.samplers.sample` (float64, NumPy), so the law is
+through the *same* update code as :func:`spd_jax.diffusion.samplers.sample` (float64, NumPy), so the law is
 the implementation's; :func:`gaussian_kl` and :func:`gaussian_w2` give KL (nats) and W2 to the
-data (sums over all frequencies = pixel-space values, SPEC §7.1).
+data (sums over all frequencies = pixel-space values, docs/math.md §7.1).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spd_jax import spectral
-from spd_jax.parameterization import Denoiser, Prediction
-from spd_jax.processes import Process, check_spectrum
-from spd_jax.samplers import UPDATES, Spectral, plan
+from spd_jax.diffusion import bases
+from spd_jax.diffusion.parameterization import Denoiser, Prediction
+from spd_jax.diffusion.processes import Process, check_spectrum
+from spd_jax.diffusion.samplers import UPDATES, Spectral, plan
 
 _VAR_FLOOR = 1e-24  # floor of alpha^2 S + sigma^2 (finite-set denoisers at t = 0)
 
@@ -43,7 +43,7 @@ def _data_basis(process: Process, basis: str | None) -> str:
                 f"basis {basis!r} would not give an exact per-frequency denoiser"
             )
         return process.basis
-    return spectral.check_basis("identity" if basis is None else basis)
+    return bases.check_basis("identity" if basis is None else basis)
 
 
 def _check_image(process: Process, image_shape) -> tuple:
@@ -57,7 +57,7 @@ def _spectral_mean(mean, shape, basis) -> np.ndarray:
     if mean is None:
         return np.zeros(shape)
     mean = np.broadcast_to(np.asarray(mean, np.float64), shape)
-    return spectral.to_spectral_np(mean[None], basis)[0]
+    return bases.to_spectral_np(mean[None], basis)[0]
 
 
 def _as_jax(a: np.ndarray) -> jax.Array:
@@ -65,7 +65,7 @@ def _as_jax(a: np.ndarray) -> jax.Array:
 
 
 def gaussian_denoiser(process: Process, spectrum, mean=None, *, basis: str | None = None) -> Denoiser:
-    """Exact denoiser of Gaussian data u_0 ~ N_B(m, S) (SPEC §7.1).
+    """Exact denoiser of Gaussian data u_0 ~ N_B(m, S) (docs/math.md §7.1).
 
     x0_hat = m + (alpha S / v)(u_t - alpha m), eps_hat = (sigma / v)(u_t - alpha m), with
     v = alpha^2 S + sigma^2 per frequency. ``spectrum`` S: (H, W, C) in the data basis;
@@ -80,11 +80,11 @@ def gaussian_denoiser(process: Process, spectrum, mean=None, *, basis: str | Non
     def denoiser(x_t, t, *, key=None) -> Prediction:
         del key
         alpha, sigma = process.marginal(t)
-        resid = spectral.to_spectral(x_t, basis) - alpha * mean_j
+        resid = bases.to_spectral(x_t, basis) - alpha * mean_j
         var = alpha**2 * spec_j + sigma**2
         x0 = mean_j + (alpha * spec_j / var) * resid
         eps = (sigma / var) * resid
-        return Prediction(spectral.from_spectral(x0, basis), spectral.from_spectral(eps, basis))
+        return Prediction(bases.from_spectral(x0, basis), bases.from_spectral(eps, basis))
 
     return jax.jit(denoiser)
 
@@ -109,7 +109,7 @@ def _mixture_denoiser(process, log_weights, means_u, variances, basis, chunk) ->
         batch = x_t.shape[0]
         alpha = jnp.reshape(alpha, (batch, 1) + jnp.shape(alpha)[-3:]) if jnp.ndim(alpha) == 4 else alpha
         sigma = jnp.reshape(sigma, (batch, 1) + jnp.shape(sigma)[-3:]) if jnp.ndim(sigma) == 4 else sigma
-        u = spectral.to_spectral(x_t, basis)[:, None]
+        u = bases.to_spectral(x_t, basis)[:, None]
 
         def step(carry, block):
             run_max, total, acc_x0, acc_eps = carry
@@ -136,7 +136,7 @@ def _mixture_denoiser(process, log_weights, means_u, variances, basis, chunk) ->
             (_, total, acc_x0, acc_eps), _ = jax.lax.scan(step, init, blocks)
         norm = total[:, None, None, None]
         return Prediction(
-            spectral.from_spectral(acc_x0 / norm, basis), spectral.from_spectral(acc_eps / norm, basis)
+            bases.from_spectral(acc_x0 / norm, basis), bases.from_spectral(acc_eps / norm, basis)
         )
 
     return jax.jit(denoiser)
@@ -145,7 +145,7 @@ def _mixture_denoiser(process, log_weights, means_u, variances, basis, chunk) ->
 def gmm_denoiser(
     process: Process, weights, means, variances, *, basis: str | None = None, chunk: int = 64
 ) -> Denoiser:
-    """Exact denoiser of a Gaussian mixture sum_m pi_m N_B(mu_m, S_m) (SPEC §7.2).
+    """Exact denoiser of a Gaussian mixture sum_m pi_m N_B(mu_m, S_m) (docs/math.md §7.2).
 
     weights: (M,) positive (normalised here); means: pixel-space (M, H, W, C); variances: S_m per
     frequency in the data basis, broadcastable to (M, H, W, C) ((M,) = isotropic components,
@@ -170,12 +170,12 @@ def gmm_denoiser(
         raise ValueError(f"variances of shape {variances.shape} do not broadcast to {means.shape}") from err
     if not (np.all(np.isfinite(variances)) and np.all(variances >= 0)):
         raise ValueError("mixture variances must be finite and >= 0")
-    means_u = spectral.to_spectral_np(means, basis)
+    means_u = bases.to_spectral_np(means, basis)
     return _mixture_denoiser(process, np.log(weights / weights.sum()), means_u, variances, basis, chunk)
 
 
 def finite_set_denoiser(process: Process, points, *, chunk: int = 64) -> Denoiser:
-    """Ideal denoiser of the finite data set ``points`` (M, H, W, C), pixel space (SPEC §7.3).
+    """Ideal denoiser of the finite data set ``points`` (M, H, W, C), pixel space (docs/math.md §7.3).
 
     w_i = softmax_i(-1/2 sum_k |u_t(k) - alpha_k u^(i)(k)|^2 / sigma_k^2), x0_hat = sum_i w_i x^(i),
     evaluated in the process's basis (pixels for scalar processes), ``chunk`` points at a time.
@@ -224,6 +224,11 @@ class _Affine:
         return (-1.0) * self + other
 
 
+def _unit(index: int, num_sources: int, ndim: int) -> np.ndarray:
+    """Row ``index`` of the identity over sources, shaped to broadcast against (sources, H, W, C)."""
+    return (np.arange(num_sources) == index).astype(np.float64).reshape((num_sources,) + (1,) * ndim)
+
+
 class _GaussianOps:
     """predict / noise / cond for the affine propagation with the Gaussian denoiser."""
 
@@ -243,13 +248,33 @@ class _GaussianOps:
     def noise(self):
         if not self.noisy:
             return 0.0
-        coefs = np.zeros((self.num_sources,) + self.spectrum.shape)
-        coefs[self.step + 1] = 1.0
-        return _Affine(0.0, coefs)
+        return _Affine(0.0, _unit(self.step + 1, self.num_sources, np.ndim(self.spectrum)))
 
     @staticmethod
     def cond(flag, true_fn, false_fn):
         return true_fn() if flag else false_fn()
+
+
+def propagate_law(method: str, tables: dict, spectrum, mean_u, start_mean, start_std, *, noisy: bool):
+    """(const, coefs) of the sampler output u_out = const + sum_j coefs[j] xi_j (docs/math.md §7.1).
+
+    Runs ``method``'s update (the code :func:`spd_jax.diffusion.samplers.sample` scans) on affine
+    forms with the exact Gaussian denoiser; works on NumPy float64 tables and on JAX tables
+    (differentiable, used by :mod:`spd_jax.diffusion.tune`). Tables need ``alpha_cur``,
+    ``sigma_cur``, ``alpha_next``, ``sigma_next`` and the method's coefficients, one row per step
+    (a boolean ``second`` only for Heun). Sources: row 0 the standardised start, row j + 1 the unit
+    noise of step j (only when ``noisy``).
+    """
+    steps = int(np.shape(tables["alpha_cur"])[0])
+    num_sources = steps + 1 if noisy else 1
+    coefs = start_std * _unit(0, num_sources, np.ndim(spectrum))
+    state = (_Affine(start_mean, coefs), 0.0)
+    update = UPDATES[method]
+    for j in range(steps):
+        row = {name: table[j] for name, table in tables.items()}
+        state = update(state, row, _GaussianOps(row, j, spectrum, mean_u, num_sources, noisy))
+    out = state[0]
+    return out.const, out.coefs
 
 
 class LinearLaw(NamedTuple):
@@ -304,31 +329,24 @@ def sampler_law(
             raise ValueError(f"start must be 'exact', 'prior' or a (mean, var) pair; got {start!r}")
     else:
         start_mean, start_var = (np.broadcast_to(np.asarray(a), shape) for a in start)
-    num_sources = run.num_steps + 1
-    coefs = np.zeros((num_sources,) + shape)
-    coefs[0] = np.sqrt(start_var)
-    state = (_Affine(start_mean, coefs), 0.0)
-    update = UPDATES[run.method]
-    for j in range(run.num_steps):
-        row = {name: table[j] for name, table in run.tables.items()}
-        state = update(state, row, _GaussianOps(row, j, spec, mean_u, num_sources, run.noisy))
-    out = state[0]
-    coefs = np.broadcast_to(out.coefs, (num_sources,) + shape)
+    const, coefs = propagate_law(run.method, run.tables, spec, mean_u, start_mean, np.sqrt(start_var),
+                                 noisy=run.noisy)
+    coefs = np.broadcast_to(coefs, (coefs.shape[0],) + shape)
     gains = {"start": coefs[0]}
     if run.noisy:
         gains.update({j: coefs[j + 1] for j in range(run.num_steps)})
-    return LinearLaw(np.broadcast_to(out.const, shape), np.sum(coefs**2, axis=0), gains, mean_u, run.grid)
+    return LinearLaw(np.broadcast_to(const, shape), np.sum(coefs**2, axis=0), gains, mean_u, run.grid)
 
 
 def gaussian_kl(law_mean, law_var, spectrum, data_mean=None) -> float:
-    """KL(N_B(M, V) || N_B(m, S)) in nats, summed over all frequencies (SPEC §7.1)."""
+    """KL(N_B(M, V) || N_B(m, S)) in nats, summed over all frequencies (docs/math.md §7.1)."""
     ratio = np.asarray(law_var, np.float64) / np.asarray(spectrum, np.float64)
     diff = np.asarray(law_mean) - (0.0 if data_mean is None else np.asarray(data_mean))
     return float(0.5 * np.sum(ratio - 1.0 - np.log(ratio) + np.abs(diff) ** 2 / spectrum))
 
 
 def gaussian_w2(law_mean, law_var, spectrum, data_mean=None) -> float:
-    """Wasserstein-2 distance between N_B(M, V) and N_B(m, S) (pixel units, SPEC §7.1)."""
+    """Wasserstein-2 distance between N_B(M, V) and N_B(m, S) (pixel units, docs/math.md §7.1)."""
     diff = np.asarray(law_mean) - (0.0 if data_mean is None else np.asarray(data_mean))
     sq = np.sum((np.sqrt(law_var) - np.sqrt(spectrum)) ** 2 + np.abs(diff) ** 2)
     return float(np.sqrt(sq))

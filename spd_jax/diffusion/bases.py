@@ -114,6 +114,6 @@ def self_conjugate_mask(height: int, width: int) -> np.ndarray:
 
 
 def mirror(a: np.ndarray) -> np.ndarray:
-    """a(-k) on the DFT grid of the axes (0, 1): used to check Hermitian evenness (SPEC V4)."""
+    """a(-k) on the DFT grid of the axes (0, 1): used to check Hermitian evenness (docs/math.md §1.3 V4)."""
     a = np.asarray(a)
     return np.roll(a[::-1, ::-1], shift=(1, 1), axis=(0, 1))

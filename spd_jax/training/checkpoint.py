@@ -2,7 +2,7 @@
 
 A checkpoint at step n holds four items:
 
-* ``state``: the :class:`~spd_jax.train.TrainState` (params, EMA, optimiser state, step, rng,
+* ``state``: the :class:`~spd_jax.training.TrainState` (params, EMA, optimiser state, step, rng,
   skip counters), restored directly onto the given shardings;
 * ``data``: the grain iterator state (JSON), so the data stream resumes where it stopped;
 * ``arrays``: float64 arrays the run depends on (the SPD spectrum);
@@ -22,7 +22,6 @@ is deleted; the step can then be written again).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import zlib
 
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 ITEMS = ("state", "data", "arrays", "meta")
 #: key of ``meta`` holding the checksums of the other items (removed from what restore returns)
@@ -99,13 +99,13 @@ def _quiet_abandoned_reads() -> None:
 class Checkpointer:
     """Keeps the last ``max_to_keep`` checkpoints under ``directory`` (created on first save)."""
 
-    def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = True):
+    def __init__(self, directory: str | epath.PathLike, max_to_keep: int = 3, asynchronous: bool = True):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1; got {max_to_keep}")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=asynchronous, create=True
         )
-        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+        self._manager = ocp.CheckpointManager(epath.Path(directory).absolute(), options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -203,22 +203,23 @@ class Checkpointer:
     def _set_aside(self, steps: list[int]) -> list[str]:
         """Rename checkpoint directories ``<step>`` to ``<step>.unreadable`` (process 0 renames)."""
         targets = []
+        root = epath.Path(self.directory)
         for step in steps:
-            source = os.path.join(self.directory, str(step))
-            target, n = source + SET_ASIDE_SUFFIX, 1
-            while os.path.exists(target):
-                target, n = f"{source}{SET_ASIDE_SUFFIX}.{n}", n + 1
+            source = root / str(step)
+            target, n = root / f"{step}{SET_ASIDE_SUFFIX}", 1
+            while target.exists():
+                target, n = root / f"{step}{SET_ASIDE_SUFFIX}.{n}", n + 1
             targets.append((source, target))
         if jax.process_count() > 1:
             ocp.multihost.sync_global_processes("spd_jax_set_aside_start")
         if jax.process_index() == 0:
             for source, target in targets:
-                if os.path.isdir(source):
-                    os.rename(source, target)
+                if source.is_dir():
+                    source.rename(target)
         if jax.process_count() > 1:
             ocp.multihost.sync_global_processes("spd_jax_set_aside_done")
         self._manager.reload()
-        return [target for _, target in targets]
+        return [str(target) for _, target in targets]
 
     @property
     def directory(self) -> str:

@@ -1,6 +1,6 @@
 """Power spectra of image data sets, in model units ([-1, 1]) and on a basis's frequency grid.
 
-The spectrum S_c(k) = mean over images of |B x_c(k)|^2 (SPEC §2.5b) is the variance of the
+The spectrum S_c(k) = mean over images of |B x_c(k)|^2 (docs/math.md §2.5b) is the variance of the
 Gaussian surrogate that SPD's geodesic starts from. It keeps the mean (the process acts on raw
 images), is computed in float64 and is floored at ``FLOOR``.
 """
@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from spd_jax import spectral
+from spd_jax.diffusion import bases
 
 FLOOR = 1e-8
 
@@ -33,7 +33,7 @@ def estimate(images, basis: str = "dft", per_channel: bool = True, batch_size: i
 
     ``per_channel=False`` averages over channels (the result still has C channels, all equal).
     """
-    spectral.check_basis(basis)
+    bases.check_basis(basis)
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[0] < 1:
         raise ValueError(f"images must have shape (N, H, W, C) with N >= 1; got {images.shape}")
@@ -47,7 +47,7 @@ def estimate(images, basis: str = "dft", per_channel: bool = True, batch_size: i
         )
     total = np.zeros(images.shape[1:], np.float64)
     for start in range(0, images.shape[0], batch_size):
-        u = spectral.to_spectral_np(images[start : start + batch_size], basis)
+        u = bases.to_spectral_np(images[start : start + batch_size], basis)
         total += np.sum(np.abs(u) ** 2, axis=0)
     spec = total / images.shape[0]
     if not per_channel:
@@ -63,14 +63,14 @@ def power_law(shape, c1: float = CIFAR10_PRESET.c1, c2: float = CIFAR10_PRESET.c
         raise ValueError(f"shape must be (H, W, C) with positive sizes; got {tuple(shape)}")
     if not (c1 > 0 and c2 > 0):
         raise ValueError(f"power_law needs c1 > 0 and c2 > 0 (c2 keeps S(0) finite); got c1={c1}, c2={c2}")
-    mag = spectral.frequency_magnitude(h, w, basis)
+    mag = bases.frequency_magnitude(h, w, basis)
     return np.repeat((c1 / (c2 + mag) ** m)[:, :, None], c, axis=2)
 
 
 def radial_profile(spectrum, basis: str = "dft") -> tuple[np.ndarray, np.ndarray]:
     """Channel- and ring-averaged spectrum: (ring radii round(|k|), mean S on each ring)."""
     s = np.asarray(spectrum, np.float64)
-    mag = spectral.frequency_magnitude(s.shape[0], s.shape[1], basis)
+    mag = bases.frequency_magnitude(s.shape[0], s.shape[1], basis)
     rings = np.round(mag).astype(int)
     mean_s = s.mean(axis=-1)
     radii = np.unique(rings)
@@ -85,7 +85,7 @@ def fit_power_law(spectrum, basis: str = "dft") -> PowerLaw:
     form for each candidate.
     """
     s = np.asarray(spectrum, np.float64).mean(axis=-1)
-    mag = spectral.frequency_magnitude(s.shape[0], s.shape[1], basis)
+    mag = bases.frequency_magnitude(s.shape[0], s.shape[1], basis)
     keep = mag > 0
     radii, log_s = mag[keep], np.log(s[keep])
     if np.unique(radii).size < 2:

@@ -1,0 +1,101 @@
+"""The one sampling path: the batch is split over every device and process with per-example keys,
+so the samples equal a one-device run; the network's variables are traced, so one compilation
+serves every parameter set."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+
+from tests.test_train import ROOT
+
+_SETUP = """
+import sys
+sys.path.insert(0, {root!r})
+import jax, numpy as np
+from tests.test_train import tiny
+from spd_jax import tasks, training
+from spd_jax.run import builders, sampling
+
+config = tiny("digits_spd")
+source = builders.build_source(config)
+shape = tuple(source[0].shape)
+process = builders.build_process(config, builders.build_spectrum(config, source, shape), shape)
+model = builders.build_model(config)
+settings = builders.sampler_settings(config, "ddim", 3)
+
+
+def draw(devices, variables, count=8, batch=8):
+    sampler = sampling.make_sampler(model, process, config.model.head, tasks.Task(), settings, shape,
+                                    fast_compile=True, mesh=training.make_mesh(devices))
+    images, _ = sampling.draw(sampler, variables, jax.random.PRNGKey(3), count, batch)
+    return images, sampler
+"""
+
+
+def _run(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **(env or {}))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=full_env, timeout=300, cwd=ROOT)
+
+
+def test_two_parameter_sets_share_one_compilation_and_give_different_samples():
+    namespace: dict = {}
+    exec(_SETUP.format(root=ROOT), namespace)
+    model, shape, builders = namespace["model"], namespace["shape"], namespace["builders"]
+    first = builders.init_variables(model, shape, jax.random.PRNGKey(0))
+    second = jax.tree.map(lambda w: w + 0.05, first)  # (the output layer starts at zero)
+    a, sampler = namespace["draw"](jax.devices()[:1], first)
+    b = namespace["sampling"].draw(sampler, second, jax.random.PRNGKey(3), 8, 8)[0]
+    a_again = namespace["sampling"].draw(sampler, first, jax.random.PRNGKey(3), 8, 8)[0]
+    assert sampler.jitted._cache_size() == 1
+    np.testing.assert_array_equal(a, a_again)
+    assert not np.allclose(a, b)  # the parameters are an input, not constants baked into the program
+
+
+def test_four_devices_draw_the_same_samples_as_one_device():
+    code = _SETUP.format(root=ROOT) + textwrap.dedent("""
+    assert jax.device_count() == 4
+    variables = jax.tree.map(lambda w: w + 0.05, builders.init_variables(model, shape, jax.random.PRNGKey(0)))
+    one, _ = draw(jax.devices()[:1], variables, count=10, batch=10)
+    four, sampler = draw(jax.devices(), variables, count=10, batch=6)  # chunks of 8, split 2 per device
+    np.testing.assert_allclose(four, one, rtol=1e-4, atol=1e-4)  # XLA convolutions round differently per batch size
+    assert sampler.devices == 4 and np.std(one) > 0.05
+    print("OK")
+    """)
+    out = _run(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_two_processes_draw_their_shares_and_both_get_the_one_process_sample_set(tmp_path):
+    reference = _SETUP.format(root=ROOT) + textwrap.dedent(f"""
+    variables = builders.init_variables(model, shape, jax.random.PRNGKey(0))
+    np.save({str(tmp_path / "one.npy")!r}, draw(jax.devices(), variables)[0])
+    """)
+    out = _run(reference)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (f"import sys, jax\njax.distributed.initialize('127.0.0.1:{port}', num_processes=2, "
+            "process_id=int(sys.argv[1]))\n" + _SETUP.format(root=ROOT) + textwrap.dedent(f"""
+        assert jax.process_count() == 2 and jax.device_count() == 2
+        variables = training.replicate(builders.init_variables(model, shape, jax.random.PRNGKey(0)),
+                                       training.make_mesh())
+        images, sampler = draw(jax.devices(), variables)
+        assert sampler.devices == 2
+        np.save({str(tmp_path)!r} + f"/p{{jax.process_index()}}.npy", images)
+        """))
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    one = np.load(tmp_path / "one.npy")
+    for i in range(2):
+        np.testing.assert_allclose(np.load(tmp_path / f"p{i}.npy"), one, rtol=1e-4, atol=1e-4)

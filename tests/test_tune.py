@@ -1,0 +1,114 @@
+"""Tuning by autodiff on the exact law (docs/math.md §0 "Grids", §7.1): the differentiable KL
+equals the implementation's law, its gradient matches finite differences, tuning beats the
+default on a fresh spectrum with a monotone grid, and the saved JSON loads back into sample()."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spd_jax.diffusion import analytic, grids, processes, samplers, spectrum, tune
+
+HW = (8, 8, 1)
+RNG = np.random.default_rng(11)
+
+
+def _fresh_spectrum():
+    """A random even DFT spectrum: a power law with random exponent times log-normal noise."""
+    base = spectrum.power_law(HW, c1=1.0, c2=0.3, m=float(RNG.uniform(1.0, 2.5)))
+    noise = np.exp(0.5 * RNG.normal(size=HW))
+    from spd_jax.diffusion import bases
+
+    return base * np.sqrt(noise * bases.mirror(noise))
+
+
+SPECTRUM = _fresh_spectrum()
+SPD = processes.spd(SPECTRUM)
+
+
+@pytest.mark.parametrize("method,process", [("dpm_solver_pp", "spd"), ("gradient_estimation", "spd"),
+                                            ("ddim", "vp_cosine"), ("ancestral", "spd")])
+def test_exact_kl_matches_the_law_and_its_gradient_matches_finite_differences(method, process):
+    proc = SPD if process == "spd" else processes.make(process)
+    knobs = dict(samplers.KNOBS[method]) | ({"eta": 0.3} if method == "ddim" else {})
+    run = samplers.plan(proc, method=method, num_steps=5, grid="log_linear", **knobs)
+    law = analytic.sampler_law(proc, SPECTRUM, method=method, num_steps=5, grid=run.grid, basis="dft", **knobs)
+    expected = analytic.gaussian_kl(law.mean, law.var, SPECTRUM)
+    weight = tune.TUNABLE[method]
+    w0 = np.full(5, float(knobs[weight]) if weight else 0.0) + np.linspace(0, 0.2, 5)
+    with jax.enable_x64(True):
+        fn = jax.jit(tune.ExactKL(proc, SPECTRUM, method, 5, t_max=run.grid[0], knobs=knobs))
+        levels = jnp.asarray(np.log(grids.reference_level(proc, run.grid[1:-1])))
+        base_w = jnp.asarray(np.full(5, float(knobs[weight]) if weight else 0.0))
+        assert float(fn(levels, base_w)) == pytest.approx(expected, rel=1e-9)
+        w = jnp.asarray(w0)
+        g_levels, g_w = jax.grad(fn, argnums=(0, 1))(levels, w)
+        step = 1e-6
+        for i in range(levels.shape[0]):
+            e = jnp.zeros_like(levels).at[i].set(step)
+            fd = (fn(levels + e, w) - fn(levels - e, w)) / (2 * step)
+            assert float(g_levels[i]) == pytest.approx(float(fd), rel=1e-4, abs=1e-7)
+        for i in range(5):
+            e = jnp.zeros_like(w).at[i].set(step)
+            fd = (fn(levels, w + e) - fn(levels, w - e)) / (2 * step)
+            assert float(g_w[i]) == pytest.approx(float(fd), rel=1e-4, abs=1e-7)
+        assert float(jnp.max(jnp.abs(g_levels))) > 0
+
+
+def test_tuning_beats_the_default_on_a_fresh_spectrum_with_a_monotone_grid(tmp_path):
+    result = tune.tune(SPD, SPECTRUM, method="dpm_solver_pp", nfe=5, iterations=60)
+    assert result.kl < 0.5 * result.kl_default
+    assert result.grid[0] == pytest.approx(grids.T_MAX) and result.grid[-1] == 0.0
+    assert np.all(np.diff(result.grid) < 0) and np.all((result.grid >= 0) & (result.grid <= 1))
+    assert np.isfinite(result.kl_perturbed) and result.kl_perturbed >= result.kl * (1 - 1e-9)
+    # the record loads back by name and drives sample() and the exact law to the recorded KL
+    tune.save(result, tmp_path / grids.TUNED_DIR / "spd_dpm5.json", spectrum_source="test")
+    loaded = grids.load_tuned("spd_dpm5", workdir=str(tmp_path))
+    assert loaded.method == "dpm_solver_pp" and loaded.num_steps == 5
+    law = analytic.sampler_law(SPD, SPECTRUM, method=loaded.method, num_steps=loaded.num_steps, grid=loaded.grid,
+                               **loaded.knobs)
+    assert analytic.gaussian_kl(law.mean, law.var, SPECTRUM) == pytest.approx(result.kl, rel=1e-9)
+    den = analytic.gaussian_denoiser(SPD, SPECTRUM)
+    x, info = samplers.sample(den, SPD, method=loaded.method, num_steps=loaded.num_steps, grid=loaded.grid,
+                              key=jax.random.PRNGKey(0), shape=(2,) + HW, clip_x0=False, **loaded.knobs)
+    assert np.all(np.isfinite(np.asarray(x))) and info["nfe"] == 5
+    np.testing.assert_array_equal(info["grid"], loaded.grid)
+
+
+def test_gamma_tuning_improves_ge():
+    result = tune.tune(SPD, SPECTRUM, method="gradient_estimation", nfe=4, iterations=40, objective="nominal")
+    assert result.kl < result.kl_default
+    assert len(result.knobs["gamma"]) == 4
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="discrete"):
+        tune.tune(processes.vp_linear(num_steps=100), SPECTRUM, method="ddim", nfe=4)
+    with pytest.raises(ValueError, match="tuning supports"):
+        tune.tune(SPD, SPECTRUM, method="heun", nfe=4)
+    with pytest.raises(ValueError, match="objective"):
+        tune.tune(SPD, SPECTRUM, method="ddim", nfe=4, objective="fast")
+    with pytest.raises(FileNotFoundError, match="spd_jax.run.tune"):
+        grids.load_tuned("nothing_here", workdir="/nonexistent")
+
+
+def test_a_tuned_grid_is_saved_in_the_workdir_and_read_back_by_name_from_the_config(tmp_path):
+    from spd_jax.run import builders
+    from spd_jax.run import tune as tune_run
+    from spd_jax.run.checks import ConfigError, validate
+    from tests.test_train import tiny
+
+    config = tiny("digits_spd")
+    config.sample.update(method="gradient_estimation", nfe=3)
+    record = tune_run.run(config, str(tmp_path), iterations=10)
+    assert record["path"] == str(tmp_path / "tuned" / "gradient_estimation_nfe3.json")
+    assert record["kl"] <= record["kl_default"]
+    config.sample.grid = "tuned:gradient_estimation_nfe3"
+    validate(config, device_count=1)
+    settings = builders.sampler_settings(config, workdir=tmp_path)
+    np.testing.assert_allclose(settings["grid"], record["grid"])
+    assert settings["num_steps"] == 3 and np.shape(settings["gamma"]) == (3,)
+    assert builders.sampler_settings(config, nfe=5, workdir=tmp_path)["grid"] is None  # other NFEs: default grid
+    config.sample.grid = "tuned:missing"
+    with pytest.raises(ConfigError, match="config.sample.grid = 'tuned:missing'"):
+        builders.sampler_settings(config, workdir=tmp_path)
