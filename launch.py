@@ -49,12 +49,12 @@ def main(argv):
     from spd_jax.run import builders, checks, sampling, train
     from spd_jax.training import compile_cache
 
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step, JAX its cache, at INFO
     compile_cache.enable(config.train.compile_cache_dir or None)  # before the first compilation
     builders.maybe_initialize_distributed(config)
     # every check runs before anything compiles or is written
     checks.validate(config, jax.device_count(), jax.process_count())
     checks.check_workdir(_WORKDIR.value)
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     if _MODE.value == "train":
         train.train(config, _WORKDIR.value)
     elif _MODE.value == "tune":

@@ -25,7 +25,7 @@ train step images/s (>= 1: the pipeline keeps up). ``CPU ms / image`` is the CPU
 system, this process and its worker processes) spent per delivered image in the measured window:
 unlike images/s it hardly depends on what else the machine runs. ``cores for accel`` is
 ``--accelerator_images_per_s`` x that CPU time, the host cores busy to feed one accelerator at
-that consumption (the issue's estimate for the 52M U-Net on an H200 is 1,500-3,000 images/s).
+that consumption (an estimate for the 52M U-Net on an H200 is 1,500-3,000 images/s).
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ goes: each executed thunk is joined to its HLO instruction, whose ``op_name`` me
 module (convolutions, attention, GroupNorm, dropout's random bits, optimizer/EMA, ...), forward and
 backward apart. ``--cpu_options`` compiles with ``compile_cache.CPU_COMPILER_OPTIONS`` (before/after).
 
+Each row also gives the step's FLOPs (XLA's cost analysis of the compiled step), the achieved
+TFLOP/s and the MFU against the device's peak (:data:`PEAK_TFLOPS`, or on a CPU the measured
+float32 matmul rate; ``--peak_tflops`` overrides). It runs unchanged on a GPU or TPU.
+
 ``--second_start`` instead measures the persistent compilation cache
 (:mod:`spd_jax.training.compile_cache`): it launches ``launch.py --config=CONFIG
 --config.train.num_steps=1`` twice in new processes, each in a fresh workdir, with one fresh cache
@@ -126,6 +130,46 @@ def _median_seconds(fn, args_fn, steps: int) -> float:
     return statistics.median(times)
 
 
+#: dense peak TFLOP/s per device (float32 via TF32 tensor cores on NVIDIA; bfloat16), by a substring
+#: of ``jax.devices()[0].device_kind``; ``--peak_tflops`` overrides, the CPU's is measured
+PEAK_TFLOPS = {
+    "H200": {"float32": 494.0, "bfloat16": 989.0},
+    "H100": {"float32": 494.0, "bfloat16": 989.0},
+    "A100": {"float32": 156.0, "bfloat16": 312.0},
+    "L4": {"float32": 60.0, "bfloat16": 121.0},
+    "TPU v4": {"float32": 275.0, "bfloat16": 275.0},
+    "TPU v5 lite": {"float32": 197.0, "bfloat16": 197.0},
+    "TPU v5p": {"float32": 459.0, "bfloat16": 459.0},
+    "TPU v6": {"float32": 918.0, "bfloat16": 918.0},
+}
+
+
+def measured_matmul_tflops(size: int = 2048, repeats: int = 5) -> float:
+    """This device's float32 matmul rate (TFLOP/s): the best of ``repeats`` size x size products."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+    product = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(product(a))
+    best = min(_median_seconds(product, lambda: (a,), 1) for _ in range(repeats))
+    return 2 * size**3 / best / 1e12
+
+
+def peak_tflops(dtype: str = "float32") -> tuple[float, str]:
+    """(peak TFLOP/s per device, where it comes from) for MFU."""
+    kind = jax.devices()[0].device_kind
+    for name, peaks in PEAK_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return peaks[dtype], f"{name} table ({dtype})"
+    return measured_matmul_tflops(), f"measured float32 matmul on {kind}"
+
+
+def _flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled program (per device), from XLA's cost analysis."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
 def _compiled_bytes(compiled) -> int | None:
     stats = compiled.memory_analysis()
     if stats is None:
@@ -133,8 +177,10 @@ def _compiled_bytes(compiled) -> int | None:
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes)
 
 
-def bench(name: str, batch: int, steps: int, profile: str = "", compiler_options: dict | None = None) -> dict:
+def bench(name: str, batch: int, steps: int, profile: str = "", compiler_options: dict | None = None,
+          dtype: str = "float32") -> dict:
     config = importlib.import_module(f"configs.{name}").get_config()
+    config.model.dtype = dtype
     synthetic = config.data.name not in ("digits", "patches")
     if batch:
         config.train.batch_size = batch
@@ -206,6 +252,8 @@ def bench(name: str, batch: int, steps: int, profile: str = "", compiler_options
         "bare_s": t_bare,
         "ratio": t_step / t_bare,
         "xla_step_MiB": (_compiled_bytes(compiled_step) or 0) / 2**20,
+        "step_GFLOP": (_flops(compiled_step) or 0.0) / 1e9,
+        "TFLOP_per_s": (_flops(compiled_step) or 0.0) / t_step / 1e12,
         "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -251,14 +299,20 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="trace 3 steps into this directory and print the breakdown")
     parser.add_argument("--cpu_options", action="store_true",
                         help="compile with spd_jax.training.compile_cache.CPU_COMPILER_OPTIONS")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype of the network (config.model.dtype)")
+    parser.add_argument("--peak_tflops", type=float, default=0.0,
+                        help="peak TFLOP/s per device for MFU (default: the table, or a measured matmul on CPU)")
     parser.add_argument("overrides", nargs="*", help="--second_start: extra --config.a.b=value flags (after --)")
     args = parser.parse_args()
     if args.second_start:
         second_start(args.config, args.overrides)
         return
     print(f"backend={jax.default_backend()} devices={jax.device_count()} jax={jax.__version__}")
+    peak, source = (args.peak_tflops, "--peak_tflops") if args.peak_tflops else peak_tflops(args.dtype)
+    print(f"MFU against {peak:.3g} TFLOP/s per device ({source}); {args.dtype} compute")
     header = ("config", "params_M", "batch", "image", "step_s", "images_per_s", "bare_s", "ratio", "xla_step_MiB",
-              "peak_rss_MiB")
+              "peak_rss_MiB", "step_GFLOP", "TFLOP_per_s", "MFU")
     print(" | ".join(header))
     for name in args.configs.split(","):
         options = None
@@ -266,7 +320,8 @@ def main() -> None:
             from spd_jax.training import compile_cache
 
             options = compile_cache.cpu_compiler_options()
-        row = bench(name.strip(), args.batch, args.steps, args.profile, options)
+        row = bench(name.strip(), args.batch, args.steps, args.profile, options, args.dtype)
+        row["MFU"] = row["TFLOP_per_s"] / peak
         print(" | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in header), flush=True)
 
 

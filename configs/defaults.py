@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.process.num_levels = 0  # vp_linear: discrete DDPM table with this T (0 = continuous)
 
     config.model = ml_collections.ConfigDict()
+    config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters, optimiser, loss stay float32)
     config.model.kind = "unet"  # unet | smd (U-Net with SMD latent network and hypernetworks)
     config.model.head = "eps"  # eps | x0 | v | flow | score | ddm_dual | ddm_c
     config.model.base_channels = 64

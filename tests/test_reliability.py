@@ -1,4 +1,4 @@
-"""Reliability (issue 7): SIGKILL / SIGTERM at random points and exact resume, corrupted and
+"""Reliability: SIGKILL / SIGTERM at random points and exact resume, corrupted and
 half-written checkpoints, non-finite updates, and bad input stopped before anything runs."""
 
 import json

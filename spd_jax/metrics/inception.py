@@ -1,5 +1,7 @@
 """InceptionV3 in the FID variant of pytorch-fid (``FIDInceptionA/C/E_1/E_2`` blocks), in Flax.
 
+Kept here because no JAX library ships FID's Inception: the alternatives need TensorFlow or torch.
+
 The network is the 2015 TensorFlow Inception graph that FID is defined with, as ported by
 pytorch-fid: the torchvision layout with every average pool excluding padding from the count and
 max-pooling in the branch pool of the last block. Only the 2048-d pool3 features are computed.

@@ -18,6 +18,7 @@ data); the network's own time label is computed from t inside the model (:func:`
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -70,8 +71,9 @@ def norm_groups_for(channels: int, max_groups: int = 32) -> int:
     return groups
 
 
-def _group_norm(channels: int, max_groups: int, name: str | None = None) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=norm_groups_for(channels, max_groups), epsilon=1e-5, name=name)
+def _group_norm(channels: int, max_groups: int, dtype=jnp.float32, name: str | None = None) -> nn.GroupNorm:
+    # statistics in float32 whatever the compute dtype (Flax's GroupNorm promotes them)
+    return nn.GroupNorm(num_groups=norm_groups_for(channels, max_groups), epsilon=1e-5, dtype=dtype, name=name)
 
 
 def _resample(x: jax.Array, mode: str | None) -> jax.Array:
@@ -94,24 +96,25 @@ class ResBlock(nn.Module):
     dropout: float = 0.0
     norm_groups: int = 32
     resample: str | None = None
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
-        h = nn.silu(_group_norm(x.shape[-1], self.norm_groups, name="norm_in")(x))
+        h = nn.silu(_group_norm(x.shape[-1], self.norm_groups, dtype=self.dtype, name="norm_in")(x))
         h, x = _resample(h, self.resample), _resample(x, self.resample)
-        h = nn.Conv(self.out_channels, (3, 3), name="conv_in")(h)
-        film = nn.Dense(2 * self.out_channels, name="film")(nn.silu(emb))
+        h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_in")(h)
+        film = nn.Dense(2 * self.out_channels, dtype=self.dtype, name="film")(nn.silu(emb))
         scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
         h = (
-            _group_norm(self.out_channels, self.norm_groups, name="norm_out")(h) * (1.0 + scale)
+            _group_norm(self.out_channels, self.norm_groups, dtype=self.dtype, name="norm_out")(h) * (1.0 + scale)
             + shift
         )
         h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=not train)
-        h = nn.Conv(self.out_channels, (3, 3), kernel_init=nn.initializers.zeros, name="conv_out")(
+        h = nn.Conv(self.out_channels, (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype, name="conv_out")(
             h
         )
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), name="skip")(x)
+            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="skip")(x)
         return x + h
 
 
@@ -124,6 +127,7 @@ class SelfAttention(nn.Module):
     num_heads: int = 4
     head_channels: int | None = None
     norm_groups: int = 32
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -133,14 +137,15 @@ class SelfAttention(nn.Module):
             raise ValueError(
                 f"attention over {channels} channels cannot be split into {heads} heads"
             )
-        h = _group_norm(channels, self.norm_groups, name="norm")(x)
-        qkv = nn.Dense(3 * channels, name="qkv")(h.reshape(batch, height * width, channels))
+        h = _group_norm(channels, self.norm_groups, dtype=self.dtype, name="norm")(x)
+        qkv = nn.Dense(3 * channels, dtype=self.dtype, name="qkv")(h.reshape(batch, height * width, channels))
         q, k, v = jnp.split(
             qkv.reshape(batch, height * width, 3 * heads, channels // heads), 3, axis=2
         )
         logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(channels // heads)
-        out = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, axis=-1), v)
-        out = nn.Dense(channels, kernel_init=nn.initializers.zeros, name="proj")(
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhc->bqhc", weights, v)
+        out = nn.Dense(channels, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="proj")(
             out.reshape(batch, height * width, channels)
         )
         return x + out.reshape(x.shape)
@@ -153,11 +158,13 @@ class Decouple(nn.Module):
     module's exact layer sizes are not specified in docs/math.md §8; this is spd_jax's reading).
     """
 
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
-        h = nn.Conv(h.shape[-1], (3, 3), name="conv")(h)
+        h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype, name="conv")(h)
         pooled = jnp.concatenate([h.mean(-1, keepdims=True), h.max(-1, keepdims=True)], axis=-1)
-        return h * nn.sigmoid(nn.Conv(1, (7, 7), name="gate")(pooled))
+        return h * nn.sigmoid(nn.Conv(1, (7, 7), dtype=self.dtype, name="gate")(pooled))
 
 
 class HyperAdapter(nn.Module):
@@ -174,6 +181,7 @@ class HyperAdapter(nn.Module):
     latent_dim: int
     depth: int = 2
     materialize: bool = False
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
     @nn.compact
     def __call__(self, h: jax.Array, z: jax.Array) -> jax.Array:
@@ -182,10 +190,10 @@ class HyperAdapter(nn.Module):
                 f"latent z must have shape {h.shape[:-1] + (self.latent_dim,)} to match the features; "
                 f"got {z.shape}"
             )
-        hp = nn.Dense(self.latent_dim, name="proj_in")(h)
+        hp = nn.Dense(self.latent_dim, dtype=self.dtype, name="proj_in")(h)
         u_init = nn.initializers.variance_scaling(1.0 / self.latent_dim, "fan_in", "normal")
         for layer in range(self.depth):
-            u = nn.Dense(self.latent_dim, kernel_init=u_init, name=f"u_{layer}")(z)
+            u = nn.Dense(self.latent_dim, kernel_init=u_init, dtype=self.dtype, name=f"u_{layer}")(z)
             gain = nn.softplus(self.param(f"log_scale_{layer}", nn.initializers.zeros, ()))
             if self.materialize:
                 eye = jnp.eye(self.latent_dim, dtype=hp.dtype)
@@ -193,7 +201,7 @@ class HyperAdapter(nn.Module):
                 hp = jnp.einsum("...ij,...j->...i", matrix, hp)
             else:
                 hp = u * jnp.sum(u * hp, axis=-1, keepdims=True) + gain * hp
-        return h + nn.Dense(h.shape[-1], kernel_init=nn.initializers.zeros, name="proj_out")(hp)
+        return h + nn.Dense(h.shape[-1], kernel_init=nn.initializers.zeros, dtype=self.dtype, name="proj_out")(hp)
 
 
 class TimeEmbedding(nn.Module):
@@ -203,13 +211,14 @@ class TimeEmbedding(nn.Module):
     kind: str = "linear"
     scale: float = 1000.0
     num_levels: int | None = None
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
         label = time_label(t, self.kind, self.scale, self.num_levels)
         emb = sinusoidal_embedding(label, self.base_channels)
-        emb = nn.silu(nn.Dense(4 * self.base_channels, name="dense_0")(emb))
-        return nn.Dense(4 * self.base_channels, name="dense_1")(emb)
+        emb = nn.silu(nn.Dense(4 * self.base_channels, dtype=self.dtype, name="dense_0")(emb))
+        return nn.Dense(4 * self.base_channels, dtype=self.dtype, name="dense_1")(emb)
 
 
 class Encoder(nn.Module):
@@ -230,13 +239,14 @@ class Encoder(nn.Module):
     input_kernel: int
     hyper_dim: int | None
     hyper_depth: int
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
     @nn.compact
     def __call__(self, x, emb, latent, train: bool):
         k = self.input_kernel
-        h = nn.Conv(self.base_channels * self.channel_mult[0], (k, k), name="conv_in")(x)
+        h = nn.Conv(self.base_channels * self.channel_mult[0], (k, k), dtype=self.dtype, name="conv_in")(x)
         if self.hyper_dim is not None:
-            h = HyperAdapter(self.hyper_dim, self.hyper_depth, name="hyper_in")(h, latent)
+            h = HyperAdapter(self.hyper_dim, self.hyper_depth, dtype=self.dtype, name="hyper_in")(h, latent)
         skips = [h]
         last = len(self.channel_mult) - 1
         for level, mult in enumerate(self.channel_mult):
@@ -245,20 +255,20 @@ class Encoder(nn.Module):
                     self.base_channels * mult,
                     self.dropout,
                     self.norm_groups,
-                    name=f"level{level}_block{i}",
+                    dtype=self.dtype, name=f"level{level}_block{i}",
                 )(h, emb, train)
                 if h.shape[1] in self.attention_resolutions:
                     h = SelfAttention(
                         self.num_heads,
                         self.head_channels,
                         self.norm_groups,
-                        name=f"level{level}_attn{i}",
+                        dtype=self.dtype, name=f"level{level}_attn{i}",
                     )(h)
                 skips.append(h)
             if level != last:
                 name = f"level{level}_down"
                 if self.resample == "resblock":
-                    h = ResBlock(h.shape[-1], self.dropout, self.norm_groups, "down", name=name)(
+                    h = ResBlock(h.shape[-1], self.dropout, self.norm_groups, "down", dtype=self.dtype, name=name)(
                         h, emb, train
                     )
                 else:
@@ -292,46 +302,47 @@ class Decoder(nn.Module):
     zero_output_init: bool
     hyper_dim: int | None
     hyper_depth: int
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
     @nn.compact
     def __call__(self, h, skips, emb, latent, train: bool):
         skips = list(skips)
         if self.decouple:
-            h = Decouple(name="decouple")(h)
+            h = Decouple(dtype=self.dtype, name="decouple")(h)
         width = h.shape[-1]
-        h = ResBlock(width, self.dropout, self.norm_groups, name="mid_block0")(h, emb, train)
+        h = ResBlock(width, self.dropout, self.norm_groups, dtype=self.dtype, name="mid_block0")(h, emb, train)
         if self.mid_attention:
             h = SelfAttention(
-                self.num_heads, self.head_channels, self.norm_groups, name="mid_attn"
+                self.num_heads, self.head_channels, self.norm_groups, dtype=self.dtype, name="mid_attn"
             )(h)
-        h = ResBlock(width, self.dropout, self.norm_groups, name="mid_block1")(h, emb, train)
+        h = ResBlock(width, self.dropout, self.norm_groups, dtype=self.dtype, name="mid_block1")(h, emb, train)
         for level in reversed(range(len(self.channel_mult))):
             channels = self.base_channels * self.channel_mult[level]
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = ResBlock(
-                    channels, self.dropout, self.norm_groups, name=f"level{level}_block{i}"
+                    channels, self.dropout, self.norm_groups, dtype=self.dtype, name=f"level{level}_block{i}"
                 )(h, emb, train)
                 if h.shape[1] in self.attention_resolutions:
                     h = SelfAttention(
                         self.num_heads,
                         self.head_channels,
                         self.norm_groups,
-                        name=f"level{level}_attn{i}",
+                        dtype=self.dtype, name=f"level{level}_attn{i}",
                     )(h)
             if level:
                 name = f"level{level}_up"
                 if self.resample == "resblock":
-                    h = ResBlock(channels, self.dropout, self.norm_groups, "up", name=name)(
+                    h = ResBlock(channels, self.dropout, self.norm_groups, "up", dtype=self.dtype, name=name)(
                         h, emb, train
                     )
                 else:
-                    h = nn.Conv(channels, (3, 3), name=name)(_resample(h, "up"))
+                    h = nn.Conv(channels, (3, 3), dtype=self.dtype, name=name)(_resample(h, "up"))
         if self.hyper_dim is not None:
-            h = HyperAdapter(self.hyper_dim, self.hyper_depth, name="hyper_out")(h, latent)
-        h = nn.silu(_group_norm(h.shape[-1], self.norm_groups, name="norm_out")(h))
+            h = HyperAdapter(self.hyper_dim, self.hyper_depth, dtype=self.dtype, name="hyper_out")(h, latent)
+        h = nn.silu(_group_norm(h.shape[-1], self.norm_groups, dtype=self.dtype, name="norm_out")(h))
         init = nn.initializers.zeros if self.zero_output_init else nn.linear.default_kernel_init
-        return nn.Conv(self.out_channels, (3, 3), kernel_init=init, name="conv_out")(h)
+        return nn.Conv(self.out_channels, (3, 3), kernel_init=init, dtype=self.dtype, name="conv_out")(h)
 
 
 class UNet(nn.Module):
@@ -384,6 +395,7 @@ class UNet(nn.Module):
     time_levels: int | None = None
     hyper_dim: int | None = None
     hyper_depth: int = 2
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
     def _check_inputs(self, x, t, cond, latent) -> None:
         if x.ndim != 4:
@@ -429,7 +441,7 @@ class UNet(nn.Module):
             self.time_embedding,
             self.time_scale,
             self.time_levels,
-            name="time_embed",
+            dtype=self.dtype, name="time_embed",
         )(t)
         inputs = x if cond is None else jnp.concatenate([x, cond.astype(x.dtype)], axis=-1)
         shared = dict(
@@ -445,7 +457,7 @@ class UNet(nn.Module):
             hyper_dim=self.hyper_dim,
             hyper_depth=self.hyper_depth,
         )
-        h, skips = Encoder(input_kernel=self.input_kernel, name="encoder", **shared)(
+        h, skips = Encoder(input_kernel=self.input_kernel, dtype=self.dtype, name="encoder", **shared)(
             inputs, emb, latent, train
         )
         outputs = tuple(
@@ -454,9 +466,10 @@ class UNet(nn.Module):
                 decouple=self.decouple,
                 mid_attention=self.mid_attention,
                 zero_output_init=self.zero_output_init,
-                name=f"decoder_{i}",
+                dtype=self.dtype, name=f"decoder_{i}",
                 **shared,
             )(h, skips, emb, latent, train)
             for i in range(self.num_decoders)
         )
+        outputs = tuple(o.astype(jnp.float32) for o in outputs)  # losses and samplers work in float32
         return outputs[0] if self.num_decoders == 1 else outputs

@@ -27,12 +27,13 @@ from spd_jax.training import checkpoint
 
 #: the parts of a config that define the network and its process; a checkpoint restored for
 #: resuming, sampling or evaluation must match them (run-only settings such as data paths, reader
-#: threads and batch sizes of sampling may change)
+#: threads, batch sizes of sampling and the compute dtype may change)
 MODEL_FIELDS = {
     "data": ("name", "image_size"),
     "process": None,  # every field
-    "model": None,
+    "model": None,  # every field but the RUN_ONLY ones
 }
+RUN_ONLY = {"model": ("dtype",)}
 
 
 def task_of(config) -> tasks.Task:
@@ -100,6 +101,7 @@ def build_model(config):
         time_embedding=m.time_embedding,
         time_levels=(config.process.num_levels or None) if m.time_embedding == "discrete" else None,
         cond_channels=task_of(config).cond_channels(data.image_channels(config.data.name)),
+        dtype=jnp.dtype(m.dtype),
     )
     if m.kind == "smd":
         return smd_net(unet, latent_dim=m.latent_dim, latent_base_channels=m.latent_base_channels)
@@ -205,6 +207,8 @@ def model_config_json(config) -> dict:
     for block, fields in MODEL_FIELDS.items():
         values = json.loads(config[block].to_json())
         out[block] = values if fields is None else {k: values[k] for k in fields if k in values}
+        for field in RUN_ONLY.get(block, ()):
+            out[block].pop(field, None)
     out["task"] = {"name": task_of(config).name}
     return out
 

@@ -25,6 +25,7 @@ MODEL_KINDS = ("unet", "smd")
 TRAINABLE_PROCESSES = tuple(p for p in processes.PROCESS_NAMES if p not in ("ihdm", "ddm_linear"))
 SPECTRUM_SOURCES = ("estimate", "preset")
 SMD_LOSSES = ("single_eta", "mixture")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def _fail(field: str, value, expected: str):
@@ -72,6 +73,7 @@ def _validate(config, device_count: int, process_count: int) -> None:
     _name(config, "process.name", TRAINABLE_PROCESSES)
     _name(config, "process.spectrum", SPECTRUM_SOURCES)
     _name(config, "model.kind", MODEL_KINDS)
+    _name(config, "model.dtype", COMPUTE_DTYPES)
     _name(config, "model.head", HEADS)
     _name(config, "model.resample", RESAMPLE_MODES)
     _name(config, "model.time_embedding", TIME_EMBEDDINGS)
