@@ -258,28 +258,17 @@ def test_nfe_table_reruns_a_failed_worker_alone_with_the_whole_memory_share(tmp_
 def test_two_processes_evaluate_together_and_match_one_process(run_dir):
     """Each process draws its share of every chunk, every process gets the whole sample set and
     scores it, process 0 writes: the report equals a one-process evaluation's."""
-    import socket
+    from tests.multiprocess import run_processes
 
     one = eval_run.run(_config(settings="ddim:2", name="one_process", floor=False), str(run_dir), verbose=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code = (
-        "import sys, json, jax\n"
-        f"jax.distributed.initialize('127.0.0.1:{port}', num_processes=2, process_id=int(sys.argv[1]))\n"
-        f"sys.path.insert(0, {ROOT!r})\n"
-        "from tests.test_eval_mode import _config\n"
-        "from spd_jax.run import evaluate\n"
-        "config = _config(settings='ddim:2', name='two_processes', floor=False)\n"
-        f"report = evaluate.run(config, {str(run_dir)!r}, verbose=False)\n"
-        "print(json.dumps(report['settings'][0]['metrics']))\n"
-    )
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    outs = run_processes(f"""
+        import json
+        from tests.test_eval_mode import _config
+        from spd_jax.run import evaluate
+        report = evaluate.run(_config(settings="ddim:2", name="two_processes", floor=False), {str(run_dir)!r},
+                              verbose=False)
+        print(json.dumps(report["settings"][0]["metrics"]))
+        """)
     written = json.loads((run_dir / "eval" / "two_processes" / "report.json").read_text())
     for metrics in [json.loads(outs[0][0].strip().splitlines()[-1]), json.loads(outs[1][0].strip().splitlines()[-1]),
                     written["settings"][0]["metrics"]]:

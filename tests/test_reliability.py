@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ from spd_jax.diffusion import processes, spectrum
 from spd_jax.run import builders, checks
 from spd_jax.run import train as experiment
 from spd_jax.training import checkpoint
+from tests.multiprocess import run_processes
 from tests.test_train import ROOT, tiny
 
 CHAIN_STEPS = 18
@@ -175,12 +175,9 @@ def test_sigkill_and_sigterm_at_random_points_then_a_corrupted_checkpoint_resume
 
 
 _TWO_PROCESS_RUN = """
-import os, signal, sys, time
-import jax
+import os, signal, time
 import numpy as np
-port, index, workdir, out, term_at = sys.argv[1:6]
-jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(index))
-sys.path.insert(0, {root!r})
+workdir, out, term_at = sys.argv[2:5]
 from tests.test_train import tiny
 from spd_jax.run import train as experiment
 config = tiny("digits_spd", num_steps=8, checkpoint_every=100)
@@ -197,21 +194,9 @@ np.savez(out, np.asarray(state.step), *[np.asarray(x) for x in jax.tree.leaves(s
 
 
 def _two_processes(workdir, out, term_process: int | None, term_step: int) -> list[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code = _TWO_PROCESS_RUN.replace("{root!r}", repr(ROOT))
-    procs = []
-    for i in range(2):
-        env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-        term_at = term_step if i == term_process else 0
-        procs.append(subprocess.Popen([sys.executable, "-c", code, str(port), str(i), str(workdir), f"{out}{i}.npz",
-                                       str(term_at)],
-                                      env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    errs = [p.communicate(timeout=240)[1] for p in procs]
-    for p, err in zip(procs, errs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    return errs
+    outs = run_processes(_TWO_PROCESS_RUN, timeout=240, args=lambda i: (
+        workdir, f"{out}{i}.npz", term_step if i == term_process else 0))
+    return [err for _, err in outs]
 
 
 def test_sigterm_to_one_process_stops_every_process_at_the_same_step_and_both_resume(tmp_path):

@@ -3,7 +3,6 @@ so the samples equal a one-device run; the network's variables are traced, so on
 serves every parameter set."""
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ import textwrap
 import jax
 import numpy as np
 
+from tests.multiprocess import run_processes
 from tests.test_train import ROOT
 
 _SETUP = """
@@ -78,11 +78,7 @@ def test_two_processes_draw_their_shares_and_both_get_the_one_process_sample_set
     """)
     out = _run(reference)
     assert out.returncode == 0, out.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code = (f"import sys, jax\njax.distributed.initialize('127.0.0.1:{port}', num_processes=2, "
-            "process_id=int(sys.argv[1]))\n" + _SETUP.format(root=ROOT) + textwrap.dedent(f"""
+    run_processes(_SETUP.format(root=ROOT) + textwrap.dedent(f"""
         assert jax.process_count() == 2 and jax.device_count() == 2
         variables = training.replicate(builders.init_variables(model, shape, jax.random.PRNGKey(0)),
                                        training.make_mesh())
@@ -90,12 +86,6 @@ def test_two_processes_draw_their_shares_and_both_get_the_one_process_sample_set
         assert sampler.devices == 2
         np.save({str(tmp_path)!r} + f"/p{{jax.process_index()}}.npy", images)
         """))
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
     one = np.load(tmp_path / "one.npy")
     for i in range(2):
         np.testing.assert_allclose(np.load(tmp_path / f"p{i}.npy"), one, rtol=1e-4, atol=1e-4)

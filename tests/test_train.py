@@ -4,7 +4,6 @@ config family at tiny size, 4 devices = 1 device, exact resume and a 2-process r
 import importlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -262,25 +261,13 @@ def test_four_devices_match_one_device():
 
 
 def test_two_process_run_ends_with_identical_params(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code = (
-        "import sys, jax\n"
-        f"jax.distributed.initialize('127.0.0.1:{port}', num_processes=2, process_id=int(sys.argv[1]))\n"
-        + textwrap.dedent(_STEPS.format(root=ROOT))
-        + textwrap.dedent(f"""
+    from tests.multiprocess import run_processes
+
+    run_processes(textwrap.dedent(_STEPS.format(root=ROOT)) + textwrap.dedent(f"""
         assert jax.process_count() == 2
         losses, params = run(None)
         np.savez({str(tmp_path)!r} + f"/p{{jax.process_index()}}.npz", losses, *params)
-        """)
-    )
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=240) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+        """), timeout=240)
     first, second = np.load(tmp_path / "p0.npz"), np.load(tmp_path / "p1.npz")
     assert len(first.files) > 2
     for name in first.files:

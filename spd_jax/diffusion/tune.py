@@ -322,11 +322,12 @@ def tune(
 
 
 def save(tuned: Tuned, path, **extra) -> dict:
-    """Write ``tuned`` (plus ``extra`` fields, e.g. the config and spectrum source) as JSON."""
-    import pathlib
+    """Write ``tuned`` (plus ``extra`` fields, e.g. the config and spectrum source) as JSON at
+    ``path`` (any ``etils.epath`` path)."""
+    from etils import epath
 
     out = tuned.to_json() | extra
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1, default=_json_default) + "\n")
     return out

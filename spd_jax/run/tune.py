@@ -17,6 +17,7 @@ import os
 import sys
 
 import numpy as np
+from etils import epath
 
 from spd_jax.diffusion import grids, spectrum, tune
 
@@ -58,7 +59,7 @@ def run(config, workdir: str, *, method: str | None = None, nfe: int | None = No
     result = tune.tune(process, spec, method=method, nfe=nfe, objective=objective, iterations=iterations,
                        t_max=float(config.sample.t_max))
     name = name or f"{method}_nfe{result.nfe}"
-    path = os.path.join(workdir, grids.TUNED_DIR, name + ".json")
+    path = str(epath.Path(workdir) / grids.TUNED_DIR / (name + ".json"))
     record = tune.save(result, path, name=name, spectrum_source=source, config_process=config.process.name,
                        config_data=config.data.name)
     record["path"] = path
