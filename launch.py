@@ -64,8 +64,7 @@ def main(argv):
     elif _MODE.value == "eval":  # one pipeline for unconditional models and tasks
         from spd_jax.run import evaluate
 
-        evaluate.check(config, _WORKDIR.value)  # settings, metrics, sample counts: before anything is restored or written
-        report = evaluate.run(config, _WORKDIR.value)
+        report = evaluate.run(config, _WORKDIR.value)  # every check runs before anything is restored or written
         print(f"eval report: {os.path.join(report['description']['eval_dir'], 'report.json')} "
               f"(checkpoint step {report['description']['checkpoint_step']}, EMA params)")
     else:

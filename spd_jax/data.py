@@ -282,12 +282,8 @@ def check_model_units(images, what: str = "images", ndim: int | None = None) -> 
     return images
 
 
-def _flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return image[:, ::-1] if rng.random() < 0.5 else image
-
-
 def _with_flip_bit(row, rng: np.random.Generator):
-    """(row, flip) at a stream position; the draw is the one :func:`_flip` makes there."""
+    """(row, flip) at a stream position: one uniform draw per position, flipped below 0.5."""
     return row, rng.random() < 0.5
 
 
@@ -545,10 +541,8 @@ def with_model_units(loss_fn):
 
 def take(source, rows) -> np.ndarray:
     """Images ``rows`` of a random-access ``source`` stacked as float32 (N, H, W, C)."""
-    rows = np.asarray(rows, int)
-    if isinstance(source, np.ndarray):
-        return np.asarray(source[rows], np.float32)
-    return np.stack([np.asarray(source[int(i)], np.float32) for i in rows])
+    images = _read_rows(source, rows)
+    return np.asarray(images if isinstance(images, np.ndarray) else np.stack(images), np.float32)
 
 
 def spectrum_images(source, num_images: int, flip: bool) -> np.ndarray:

@@ -124,14 +124,13 @@ def default_metrics(config: ml_collections.ConfigDict) -> list[str]:
     """Tasks: PSNR and SSIM, plus SWD for images of 16 px or more. Unconditional models: digits:
     pixel FD, SWD, classifier; other sets: pixel FD, SWD, plus FID for RGB images of 32 px or more
     when ``config.eval.inception_weights`` is given."""
-    size = builders.image_shape(config)[0]
+    size, _, channels = builders.image_shape(config)
     if builders.task_of(config).conditional:
         return ["psnr", "ssim"] + (["swd"] if size >= 16 else [])
     if config.data.name == "digits":
         return ["pixel_fd", "swd", "classifier"]
     metrics = ["pixel_fd", "swd"]
-    rgb = config.data.name not in ("mnist", "fashion_mnist")
-    if config.eval.inception_weights and rgb and size >= 32:
+    if config.eval.inception_weights and channels == 3 and size >= 32:
         metrics.append("fid")
     return metrics
 
