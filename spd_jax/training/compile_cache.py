@@ -116,8 +116,6 @@ def entries(directory: str | os.PathLike | None = None) -> list[str]:
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
 }
-#: the same as an ``XLA_FLAGS`` entry (process-wide; must be set before JAX starts its backend)
-CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,13 +135,3 @@ def cpu_compiler_options(backend: str | None = None) -> dict:
     (``backend`` default: JAX's default backend) with a jaxlib that knows them, else ``{}``."""
     backend = backend or jax.default_backend()
     return dict(CPU_COMPILER_OPTIONS) if backend == "cpu" and _cpu_options_supported() else {}
-
-
-def set_cpu_xla_flags() -> bool:
-    """Add :data:`CPU_XLA_FLAGS` to ``$XLA_FLAGS`` unless the user already set that XLA flag;
-    True if added. Only effective before JAX initialises its backends (call it at start-up)."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_experimental_ynn_fusion_type" in flags:
-        return False
-    os.environ["XLA_FLAGS"] = (flags + " " + CPU_XLA_FLAGS).strip()
-    return True
