@@ -55,6 +55,8 @@ sys.path.insert(0, str(ROOT))
 DATASETS = ("digits", "patches")
 PROCESSES = ("spd", "vp_linear", "blurring", "ddm_constant")
 SAMPLERS = ("gradient_estimation", "ddim")
+#: processes with their own head and sampler (trained and evaluated with these whatever --samplers says)
+OWN_HEAD_AND_SAMPLER = {"ddm_linear": ("ddm_linear", ("ddm_bridge",))}
 NFES = (5, 10, 20, 50)
 #: per dataset: training config and default budget (steps at batch 128)
 PRESETS = {
@@ -75,12 +77,14 @@ WORKER_FILE = "nfe_table_worker.json"
 def make_config(dataset: str, process: str, *, steps: int, num_samples: int, samplers, nfes, batch: int = BATCH,
                 smoke: bool = False, steps_per_dispatch: int = 1, eval_batch: int = 250):
     """The training + eval config of one table entry: the dataset's config with ``process``, a
-    cosine schedule over ``steps`` (5 % at the end), EMA 0.995, eps head; eval of every
-    (sampler, NFE) pair on ``num_samples`` samples against the test split."""
+    cosine schedule over ``steps`` (5 % at the end), EMA 0.995, eps head (a process of
+    :data:`OWN_HEAD_AND_SAMPLER`: its own head, and its own sampler in place of ``samplers``); eval
+    of every (sampler, NFE) pair on ``num_samples`` samples against the test split."""
     config = importlib.import_module(f"configs.{PRESETS[dataset]['config']}").get_config()
     config.process.name = process
     config.process.num_levels = 0
-    config.model.head = "eps"
+    config.model.head, samplers = OWN_HEAD_AND_SAMPLER.get(process, ("eps", samplers))
+    config.sample.method = samplers[0]
     if smoke:
         m = config.model
         m.base_channels, m.channel_mult, m.num_res_blocks = 8, (1,), 1

@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = "digits"  # digits | patches | cifar10 | celeb_a | mnist | fashion_mnist | svhn_cropped
+    config.data.name = "digits"  # digits | patches | mixture2d | cifar10 | celeb_a | mnist | fashion_mnist | svhn_cropped
     config.data.tfds_data_dir = ""  # TFDS data_dir of a prepared dataset ("" = TFDS's default)
     config.data.image_size = 0  # resize TFDS images to this size (0 = native size)
     config.data.flip = False  # random horizontal flips
@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters, optimiser, loss stay float32)
-    config.model.kind = "unet"  # unet | smd (U-Net with SMD latent network and hypernetworks)
+    config.model.kind = "unet"  # unet | smd (U-Net with SMD latent network and hypernetworks) | mlp | smd_mlp
     config.model.head = "eps"  # eps | x0 | v | flow | score | ddm_dual | ddm_c
     config.model.base_channels = 64
     config.model.channel_mult = (1, 2)
@@ -50,7 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.input_kernel = 3
     config.model.time_embedding = "linear"  # linear (1000 t) | log (log t) | discrete
     config.model.latent_dim = 100  # smd: latent channels per pixel (d)
-    config.model.latent_base_channels = 32  # smd: width of the latent network g_xi
+    config.model.latent_base_channels = 32  # smd, smd_mlp: width of the latent network g_xi
+    config.model.mlp_width = 256  # mlp, smd_mlp: hidden width of the denoiser MLP
+    config.model.mlp_blocks = 3  # mlp, smd_mlp: residual blocks of the denoiser MLP (g_xi: 2)
 
     config.loss = ml_collections.ConfigDict()
     config.loss.t_min = 1e-4  # training times t ~ U(t_min, t_max)
@@ -60,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss.smd = "single_eta"  # smd models: single_eta (official) | mixture (K-sample log-mean-exp)
     config.loss.smd_samples = 8  # smd mixture: latent samples K per example
     config.loss.smd_step = 0.0  # smd mixture: reverse step in t (0 = one level of a discrete process)
+    config.loss.smd_bandwidth = 0.0  # smd mixture: x0-space std tau added to each component (> 0: trains the step to t = 0)
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 2e-4
@@ -125,6 +128,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.batch_size = 0  # images per sampler call (0 = config.sample.batch_size)
     config.eval.seed = 0  # sampling key jax.random.key(seed); also seeds SWD directions and subsets
     config.eval.grid_images = 64  # samples in each setting's grid.png
+
+    # predict-project projection network T_theta (docs/math.md §5.4, §6.6; spd_jax.run.projection):
+    # with score_workdir set, config.model is T_theta's own U-Net, trained against the frozen EMA score
+    # model of that run (same data and process), and --mode=sample/eval run predict_project with it
+    config.projection = ml_collections.ConfigDict()
+    config.projection.score_workdir = ""  # workdir of the trained score model ("" = an ordinary run)
+    config.projection.num_steps = 10  # sampler steps N T_theta is trained for (dt = 1/N; total NFE 2N)
 
     config.distributed = ml_collections.ConfigDict()
     config.distributed.initialize = False  # call jax.distributed.initialize (also if JAX_COORDINATOR_ADDRESS is set)

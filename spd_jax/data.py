@@ -5,8 +5,12 @@
 * ``patches``: 32x32x3 crops of scikit-image's bundled RGB photographs. Rows in the top 80 % of each
   photograph are training material (seeded random crops), the bottom 20 % the test split (a fixed
   grid of non-overlapping crops), so no training pixel is ever in a test crop.
+* ``mixture2d``: the 2-D Gaussian-mixture toy of docs/math.md §7.4 (49 components, means on
+  linspace(-1, 1, 7)^2, std 0.04, equal weights) as "images" of one pixel with two channels,
+  shape (N, 1, 1, 2); fixed seeded draws (train and test from different seeds). A point cloud, not
+  an image set: its values reach slightly past [-1, 1] (:data:`POINT_BOUND`).
 
-All arrays are float32 in model units [-1, 1], NHWC.
+All arrays are float32 NHWC in model units [-1, 1] (the point clouds within +-``POINT_BOUND``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ import numpy as np
 
 from spd_jax.diffusion.processes import check_name
 
-EMBEDDED = ("digits", "patches")
+EMBEDDED = ("digits", "patches", "mixture2d")
+POINT_DATASETS = ("mixture2d",)  #: embedded point clouds: no image spectrum, PNG grids or image metrics
+MIXTURE_STD = 0.04  #: std of every component of ``mixture2d``
+MIXTURE_SIZES = {"train": 20_000, "test": 5_000}  #: points per split of ``mixture2d``
+POINT_BOUND = 1.5  #: largest |value| a point cloud may hold (the mixture's edge components pass 1)
 SPLITS = ("train", "test")
 PHOTOS = (
     "astronaut",
@@ -99,10 +107,51 @@ def load_patches(split: str = "train", crops_per_photo: int = 512, seed: int = 0
     return _patches(split, int(crops_per_photo), int(seed)).copy()
 
 
+def mixture_means() -> np.ndarray:
+    """(49, 2) component means of ``mixture2d`` on linspace(-1, 1, 7)^2 (row-major in the first axis)."""
+    grid = np.linspace(-1.0, 1.0, 7)
+    return np.stack(np.meshgrid(grid, grid, indexing="ij"), axis=-1).reshape(-1, 2)
+
+
+@functools.lru_cache(maxsize=4)
+def _mixture(split: str, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    means = mixture_means()
+    count = MIXTURE_SIZES[split]
+    points = means[rng.integers(0, len(means), count)] + MIXTURE_STD * rng.standard_normal((count, 2))
+    return points.astype(np.float32).reshape(count, 1, 1, 2)
+
+
+class PointCloud:
+    """Random-access rows of a point cloud (N, 1, 1, C) float32; ``bound`` is the largest |value|
+    the data pipeline accepts from it (:data:`POINT_BOUND`)."""
+
+    bound = POINT_BOUND
+
+    def __init__(self, points: np.ndarray):
+        self.points = np.asarray(points, np.float32)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.points[int(index)]
+
+    def __getitems__(self, indices) -> np.ndarray:
+        return self.points[np.asarray(indices, int)]
+
+
+def load_mixture2d(split: str = "train", seed: int = 0) -> np.ndarray:
+    """Seeded draws from the 2-D 7x7 mixture (docs/math.md §7.4), (N, 1, 1, 2) float32."""
+    _check_split(split)
+    return _mixture(split, int(seed)).copy()
+
+
 def load_embedded(name: str, split: str = "train", **kwargs) -> np.ndarray:
-    """Load an embedded data set by name ("digits" or "patches")."""
+    """Load an embedded data set by name ("digits", "patches" or "mixture2d")."""
     check_name(name, EMBEDDED, "embedded dataset")
-    return load_digits(split, **kwargs) if name == "digits" else load_patches(split, **kwargs)
+    loader = {"digits": load_digits, "patches": load_patches, "mixture2d": load_mixture2d}[name]
+    return loader(split, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +164,7 @@ TFDS_DATASETS = {"cifar10": "image", "celeb_a": "image", "mnist": "image", "fash
 DATASETS = EMBEDDED + tuple(TFDS_DATASETS)
 #: (default image side in pixels, channels) of every dataset; TFDS sets may be resized
 #: (config.data.image_size), the embedded ones are used at their native size only
-DATASET_SHAPES = {"digits": (8, 1), "patches": (PATCH, 3), "cifar10": (32, 3), "celeb_a": (64, 3),
+DATASET_SHAPES = {"digits": (8, 1), "patches": (PATCH, 3), "mixture2d": (1, 2), "cifar10": (32, 3), "celeb_a": (64, 3),
                   "mnist": (28, 1), "fashion_mnist": (28, 1), "svhn_cropped": (32, 3)}
 #: Center crop (pixels) applied to CelebA's 218x178 faces before resizing (the usual 64 px protocol).
 CELEBA_CROP = 140
@@ -258,13 +307,15 @@ def image_source(name: str, split: str = "train", *, data_dir: str | None = None
         return load_digits(split, seed=seed)
     if name == "patches":
         return load_patches(split, crops_per_photo=crops_per_photo, seed=seed)
+    if name == "mixture2d":
+        return PointCloud(load_mixture2d(split, seed=seed))
     return TFDSImages(name, split, data_dir, image_size)
 
 
-def check_model_units(images, what: str = "images", ndim: int | None = None) -> np.ndarray:
+def check_model_units(images, what: str = "images", ndim: int | None = None, bound: float = 1.0) -> np.ndarray:
     """``images`` as an array; raises a ValueError naming ``what``, its shape or range and what is
-    expected unless they are finite floats in model units [-1, 1] with ``ndim`` axes (NHWC: 4,
-    one image HWC: 3)."""
+    expected unless they are finite floats in model units [-1, 1] (``[-bound, bound]``, e.g. for a
+    point cloud) with ``ndim`` axes (NHWC: 4, one image HWC: 3)."""
     images = np.asarray(images)
     if ndim is not None and images.ndim != ndim:
         layout = {3: "(H, W, C)", 4: "(N, H, W, C)"}.get(ndim, f"{ndim} axes")
@@ -275,10 +326,9 @@ def check_model_units(images, what: str = "images", ndim: int | None = None) -> 
         )
     if images.size:
         lo, hi = float(np.min(images)), float(np.max(images))
-        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
-            raise ValueError(
-                f"{what} has values in [{lo:.4g}, {hi:.4g}]: expected model units [-1, 1] (uint8 x: x / 127.5 - 1)"
-            )
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -bound - 1e-6 or hi > bound + 1e-6:
+            expected = "model units [-1, 1] (uint8 x: x / 127.5 - 1)" if bound == 1.0 else f"values in [-{bound}, {bound}]"
+            raise ValueError(f"{what} has values in [{lo:.4g}, {hi:.4g}]: expected {expected}")
     return images
 
 
@@ -480,7 +530,7 @@ def make_pipeline(
                              f"{first.shape}: expected uint8 (H, W, C)")
         convert = False
     else:
-        check_model_units(source[0], "item 0 of the data source", ndim=3)
+        check_model_units(source[0], "item 0 of the data source", ndim=3, bound=getattr(source, "bound", 1.0))
         convert = hasattr(source, "uint8")  # e.g. TFDSImages: read 8-bit, convert whole batches
         if convert:
             source = source.uint8()

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from spd_jax.diffusion import bases
 from spd_jax.diffusion import parameterization as param
 from spd_jax.diffusion.rng import example_keys, per_example_normal
-from spd_jax.models.heads import DDM_HEADS, ddm_outputs
+from spd_jax.models.heads import DDM_HEADS, ddm_outputs, linear_outputs
 from spd_jax.tasks import Task, degrade
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -193,9 +193,17 @@ def make_ddm_loss(
     x0_hat = x_t - (1 - alpha) c_hat - sigma eps_hat (the official LPIPS term is not included).
     ``head="ddm_dual"``: the model returns (c, eps) from two decoders; ``"ddm_c"``: it returns c
     and eps is derived. ``process`` must be frequency-independent (ddm_constant, rectified_flow).
+
+    ``head="ddm_linear"`` with process ``ddm_linear`` (docs/math.md §2.6b): the first decoder
+    predicts (a, C), the targets being the example's slope a and C = -x_0 - a/2, and |c_hat - c|^2
+    is the mean over both; x0_hat = x_t - H_t(a_hat, C_hat) - sqrt(t) eps_hat.
     """
-    if head not in DDM_HEADS:
-        raise ValueError(f"make_ddm_loss needs a DDM head {DDM_HEADS}; got {head!r}")
+    linear = head == "ddm_linear"
+    if head not in DDM_HEADS + ("ddm_linear",):
+        raise ValueError(f"make_ddm_loss needs a DDM head {DDM_HEADS + ('ddm_linear',)}; got {head!r}")
+    if linear != (getattr(process, "name", None) == "ddm_linear"):
+        raise ValueError(f"head 'ddm_linear' and process 'ddm_linear' go together; got head {head!r} "
+                         f"with process {getattr(process, 'name', process)!r}")
     if not getattr(process, "is_scalar", False):
         raise ValueError(
             f"the DDM dual loss needs a frequency-independent Process; got {process!r}"
@@ -206,11 +214,20 @@ def make_ddm_loss(
     def loss_fn(variables, batch: dict, key: jax.Array):
         x0 = _check_batch(batch)
         t = _times(process, batch, key, t_min, t_max)
-        x_t, eps = process.forward_sample(x0, t, _stream(key, _NOISE), index=batch.get("index"))
+        if linear:
+            x_t, eps, slope = process.forward_sample(x0, t, _stream(key, _NOISE), index=batch.get("index"))
+        else:
+            x_t, eps = process.forward_sample(x0, t, _stream(key, _NOISE), index=batch.get("index"))
         output = _apply(model, variables, x_t, t, key, batch, train)
-        c_hat, eps_hat = ddm_outputs(process, x_t, t, output, head)
-        x0_hat = param.ddm_prediction(process, x_t, t, c_hat, eps_hat).x0
-        loss_c = _per_example_mean((c_hat + x0) ** 2)
+        if linear:
+            slope_hat, c_hat, eps_hat = linear_outputs(x_t, output)
+            x0_hat = param.ddm_linear_x0(x_t, slope_hat, c_hat, eps_hat, t.reshape((-1, 1, 1, 1)))
+            slope_target, c_target = process.targets(x0, slope)
+            loss_c = 0.5 * _per_example_mean((slope_hat - slope_target) ** 2 + (c_hat - c_target) ** 2)
+        else:
+            c_hat, eps_hat = ddm_outputs(process, x_t, t, output, head)
+            x0_hat = param.ddm_prediction(process, x_t, t, c_hat, eps_hat).x0
+            loss_c = _per_example_mean((c_hat + x0) ** 2)
         loss_eps = _per_example_mean((eps_hat - eps) ** 2)
         loss_rec = _per_example_mean(jnp.abs(x0_hat - x0))
         w_c, w_eps, w_rec = ddm_loss_weights(weighting, t, t_min)
@@ -254,6 +271,7 @@ def make_smd_mixture_loss(
     step: float | None = None,
     target: str = "eps",
     variance_scale: float = 1.0,
+    bandwidth: float = 0.0,
     t_min: float = 1e-4,
     t_max: float = 1.0,
     train: bool = True,
@@ -268,6 +286,12 @@ def make_smd_mixture_loss(
     a constant). ``step`` defaults to one level of a discrete process and must be given for a
     continuous one; t is drawn from [t_min + step, t_max] so that s > 0 (a ``batch["t"]`` must
     exceed ``step``).
+
+    ``bandwidth`` tau > 0 (pixel units of x_0) adds coef_u0^2 tau^2 to every component's variance,
+    s^2 = ``variance_scale`` x posterior variance + (coef_u0 tau)^2, which keeps the step to s = 0
+    well defined (there u_s = u_0 and the loss is a K-sample log-mean-exp of N(u_0; u0_hat_j, tau^2)).
+    Then t is drawn from [t_min, t_max] and s = max(t - ``step``, 0), so the last step is trained
+    too; ``step`` may exceed t_max (every step then ends at s = 0).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1; got {num_samples}")
@@ -280,16 +304,22 @@ def make_smd_mixture_loss(
                 "make_smd_mixture_loss needs step= (the reverse step in t) for a continuous process"
             )
         step = 1.0 / levels
-    if not 0 < step < t_max:
-        raise ValueError(f"step must lie in (0, t_max); got step={step}, t_max={t_max}")
+    if not bandwidth >= 0:
+        raise ValueError(f"bandwidth must be >= 0; got {bandwidth}")
+    if not (0 < step < t_max or (bandwidth > 0 and step > 0)):
+        raise ValueError(f"step must lie in (0, t_max) (any step > 0 with a bandwidth); got step={step}, t_max={t_max}")
     basis = param.basis_of(process)
 
     def loss_fn(variables, batch: dict, key: jax.Array):
         x0 = _check_batch(batch)
         index = batch.get("index")
         batch_size, k = x0.shape[0], num_samples
-        t = _times(process, batch, key, t_min + step, t_max)
-        s = t - step
+        if bandwidth > 0:
+            t = _times(process, batch, key, t_min, t_max)
+            s = jnp.maximum(t - step, 0.0)
+        else:
+            t = _times(process, batch, key, t_min + step, t_max)
+            s = t - step
         x_t, _ = process.forward_sample(x0, t, _stream(key, _NOISE), index=index)
         _, coef_u0, std = process.posterior(t, s)
         fresh = per_example_normal(_stream(key, _TARGET), x0.shape, x0.dtype, index=index)
@@ -308,7 +338,8 @@ def make_smd_mixture_loss(
         resid = coef_u0 * error.reshape(
             (k, batch_size) + x0.shape[1:]
         ) + std * bases.to_spectral(fresh, basis)
-        energy = jnp.sum(jnp.abs(resid) ** 2 / (2.0 * variance_scale * std**2), axis=(2, 3, 4))
+        variance = variance_scale * std**2 + (coef_u0 * bandwidth) ** 2
+        energy = jnp.sum(jnp.abs(resid) ** 2 / (2.0 * variance), axis=(2, 3, 4))
         nll = -jax.nn.logsumexp(-energy, axis=0) + jnp.log(k)
         loss = jnp.mean(nll) / x0[0].size
         return loss, {

@@ -227,6 +227,7 @@ def test_jit_and_eager_agree():
         ("ddm_bridge", {}, (3, 0)),
         ("heun", {}, (5, 0)),
         ("predict_project", {}, (6, 0)),
+        ("predict_project", {"kappa": 0.0}, (3, 0)),  # Euler-Maruyama: the surrogate is not evaluated
         ("smd", {}, (3, 3)),
         ("ddim", {"grid": "ddm_public"}, (4, 0)),
         ("heun", {"grid": np.array([0.9, 0.5, 0.2, 0.05])}, (6, 0)),

@@ -81,6 +81,19 @@ def test_gamma_tuning_improves_ge():
     assert len(result.knobs["gamma"]) == 4
 
 
+def test_a_warm_start_from_fewer_steps_keeps_the_tuned_kl_falling_with_nfe():
+    """Tuning 8 NFE from the 4-NFE optimum (its levels and gammas resampled) ends below the 4-NFE KL."""
+    four = tune.tune(SPD, SPECTRUM, method="gradient_estimation", nfe=4, iterations=40)
+    eight = tune.tune(SPD, SPECTRUM, method="gradient_estimation", nfe=8, iterations=20, start=four)
+    assert eight.kl < four.kl < four.kl_default
+    assert len(eight.knobs["gamma"]) == 8 and np.all(np.diff(eight.grid) < 0)
+    levels, gammas = tune._resample(four, 8, SPD, 0.0, -10.0, "gamma", np.full(8, 2.0))
+    assert np.all(np.diff(levels) < 0) and levels.shape == (7,)
+    np.testing.assert_allclose(gammas[::2], four.knobs["gamma"], rtol=0.5)  # step 2i sits inside old step i
+    with pytest.raises(ValueError, match="warm start must come from a tuning of 'dpm_solver_pp'"):
+        tune.tune(SPD, SPECTRUM, method="dpm_solver_pp", nfe=8, start=four)
+
+
 def test_refusals():
     with pytest.raises(ValueError, match="discrete"):
         tune.tune(processes.vp_linear(num_steps=100), SPECTRUM, method="ddim", nfe=4)

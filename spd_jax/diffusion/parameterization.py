@@ -21,11 +21,13 @@ TARGETS = ("eps", "x0", "v", "flow", "score")
 
 
 class Prediction(NamedTuple):
-    """A denoiser's output in pixel space: x0 and eps estimates (and optionally DDM's c)."""
+    """A denoiser's output in pixel space: x0 and eps estimates, optionally DDM's c, and the
+    slope a of DDM's linear attenuation (``ddm_linear``, where x0 = x_t - H_t(a, c) - sqrt(t) eps)."""
 
     x0: jax.Array
     eps: jax.Array
     c: jax.Array | None = None
+    a: jax.Array | None = None
 
 
 Denoiser = Callable[..., Prediction]
@@ -75,6 +77,12 @@ def x0_eps_from_score(u_t, score, alpha, sigma):
 def ddm_x0(x_t, c, eps, alpha, sigma):
     """DDM dual head: x_0 = x_t - (1 - alpha) c - sigma eps (official: x_t - c t - sqrt(t) eps)."""
     return x_t - (1.0 - alpha) * c - sigma * eps
+
+
+def ddm_linear_x0(x_t, a, c, eps, t):
+    """DDM linear attenuation: x_0 = x_t - H_t - sqrt(t) eps with H_t = a t^2/2 + c t (docs/math.md §2.6b);
+    ``t`` broadcastable to x_t."""
+    return x_t - (0.5 * a * t + c) * t - jnp.sqrt(t) * eps
 
 
 def ddm_eps_from_c(x_t, c, alpha, sigma):

@@ -555,6 +555,24 @@ class DDMLinearProcess:
     """
 
     name: str = struct.field(pytree_node=False, default="ddm_linear")
+    is_scalar = True  # frequency-independent: every pixel has the same (alpha, sigma)
+
+    @property
+    def gaussian(self) -> Process:
+        """The Gaussian part x_t = (1-t) x_0 + sqrt(t) eps: ddm_constant (same alpha, sigma and prior)."""
+        return ddm_constant()
+
+    def check_image_shape(self, shape) -> None:
+        self.gaussian.check_image_shape(shape)
+
+    def prior_sample(self, key, shape, index=None, data=None):
+        """x_1 = eps ~ N(0, I): the offset vanishes at t = 1 and the image part is zero there."""
+        return self.gaussian.prior_sample(key, shape, index=index, data=data)
+
+    @staticmethod
+    def targets(x0, slope):
+        """The (a, C) head's targets: the slope a and C = -x_0 - a/2 (so that H_1 = -x_0)."""
+        return slope, -x0 - 0.5 * slope
 
     def marginal(self, t):
         t = jnp.asarray(t, jnp.float32)

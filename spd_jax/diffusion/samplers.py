@@ -22,6 +22,10 @@ Methods (knobs; docs/math.md section):
   extension for other processes); deterministic: u_s = x0_hat + (1 - alpha_s) c_hat + sigma_s
   eps_hat. With the c-correction (default) c_hat := -clip(x0_hat), else the denoiser's raw ``c``
   (or -x0_hat if it has none); with ``clip_x0`` only c_hat is clipped, eps_hat is kept (official).
+  The same method runs DDM's linear attenuation (:class:`~spd_jax.diffusion.processes.DDMLinearProcess`,
+  §2.6b) with the denoiser's slope a: u_s = u_t + H_s - H_t - (s'/sqrt(t)) eps_hat + noise, where
+  H_t = a t^2/2 + c t, a_hat clipped to [-1, 1] and the raw c_hat (no c-correction); deterministic:
+  u_s = x0_hat + H_s + sqrt(s) eps_hat. It is the only method for that process.
 * ``dpm_solver_pp`` (``order`` in {1, 2}, ``lower_order_final``, ``extrapolation``; §6.7b):
   DPM-Solver++(2M), data prediction, the exponential-integrator step written in each
   frequency's own half log-SNR lambda_t(k) = log(alpha_t(k) / sigma_t(k)):
@@ -34,7 +38,8 @@ Methods (knobs; docs/math.md section):
 * ``predict_project`` (``kappa``, ``projection``; §6.6): Euler-Maruyama predict step on the
   reverse SDE, then u <- u_pred + kappa T(u_pred); default T is the training-free Tweedie
   surrogate (2/(2 + sqrt(beta)))(alpha_t' x0_hat(u_pred, t') - u_pred), beta = g^2(t) dt per
-  frequency (NFE 2N). A trained ``projection(x, t) -> T`` (pixel space) costs N aux calls.
+  frequency (NFE 2N). A trained ``projection(x, t) -> T`` (pixel space) costs N aux calls;
+  kappa = 0 without one is plain Euler-Maruyama: the surrogate is never evaluated (NFE N).
 * ``smd`` (§6.7): the ancestral step with a stochastic denoiser; the denoiser receives
   ``key=`` a batch of per-example latent keys (shape (B,) for typed keys, (B, 2) for raw uint32
   keys; row b belongs to global example ``index[b]``) and should draw example b's latent from row b.
@@ -64,7 +69,7 @@ import numpy as np
 
 from spd_jax.diffusion import bases, grids
 from spd_jax.diffusion.parameterization import Prediction
-from spd_jax.diffusion.processes import Process, check_name
+from spd_jax.diffusion.processes import DDMLinearProcess, Process, check_name
 from spd_jax.diffusion.rng import example_index, example_keys, per_example_normal
 
 METHODS = (
@@ -132,11 +137,13 @@ class Plan(NamedTuple):
 
 
 class Spectral(NamedTuple):
-    """A denoiser output in the sampler's basis: x0_hat, eps_hat and -c_hat (= x0_hat unless raw c)."""
+    """A denoiser output in the sampler's basis: x0_hat, eps_hat, -c_hat (= x0_hat unless raw c) and
+    the linear-attenuation slope a_hat (None for Gaussian processes)."""
 
     x0: Any
     eps: Any
     neg_c: Any
+    a: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +184,8 @@ def _bridge_update(state, c, ops):
     u, eps_prev = state
     pred = ops.predict(u, "cur")
     mean = c["a_u"] * u + c["a_0"] * pred.x0 + c["a_c"] * pred.neg_c + c["a_e"] * pred.eps
+    if "a_a" in c:  # DDM linear attenuation: the slope's share of H_s - H_t
+        mean = mean + c["a_a"] * pred.a
     return mean + c["a_z"] * ops.noise(), eps_prev
 
 
@@ -190,6 +199,20 @@ def _heun_update(state, c, ops):
         return c["a_u"] * u + c["a_e"] * (0.5 * (eps + eps_next))
 
     return ops.cond(c["second"], corrected, lambda: euler), eps_prev
+
+
+def _no_projection(x, t):
+    """predict_project's T at kappa = 0 without a trained projection: nothing to evaluate."""
+    return jnp.zeros_like(x)
+
+
+def _pp_projection(knobs: dict):
+    """The projection ``predict_project`` runs for ``knobs``: the trained one, :func:`_no_projection`
+    at kappa = 0 without one, else None (the Tweedie surrogate)."""
+    projection = knobs.get("projection")
+    if projection is None and knobs.get("kappa", KNOBS["predict_project"]["kappa"]) == 0:
+        return _no_projection
+    return projection
 
 
 def _pp_update(state, c, ops):
@@ -376,6 +399,18 @@ def _method_tables(process, method, grid, levels, knobs):
     raise AssertionError(method)
 
 
+def _slope_table(grid: np.ndarray, *, stochastic: bool) -> np.ndarray:
+    """Coefficient of a_hat in DDM's linear bridge (docs/math.md §6.4): (t_next^2 - t^2)/2 for the
+    stochastic step (from H_s - H_t), t_next^2/2 for the deterministic one (from H_s); 0 on a last
+    step to t = 0, which returns x0_hat."""
+    t, t_next = grid[:-1], grid[1:]
+    table = 0.5 * (t_next**2 - t**2) if stochastic else 0.5 * t_next**2
+    if grid[-1] == 0.0:
+        table = table.copy()
+        table[-1] = 0.0
+    return table.reshape((-1, 1, 1, 1))
+
+
 def resolve_knobs(method: str, grid, knobs: dict) -> tuple[dict, dict]:
     """Split ``knobs`` into (method knobs with defaults, grid options); reject unknown names."""
     grid_options = grids.GRID_OPTIONS[check_name(grid, grids.GRIDS, "grid")] if isinstance(grid, str) else ()
@@ -410,8 +445,16 @@ def resolve_knobs(method: str, grid, knobs: dict) -> tuple[dict, dict]:
     return method_knobs, grid_kw
 
 
-def check_process(process) -> Process:
-    """Raise a clear ValueError for processes the generic samplers cannot run."""
+def check_process(process, method: str | None = None) -> Process:
+    """Raise a clear ValueError for processes the generic samplers cannot run; ``ddm_linear`` only
+    with ``method="ddm_bridge"``."""
+    if isinstance(process, DDMLinearProcess):
+        if method != "ddm_bridge":
+            raise ValueError(
+                f"process 'ddm_linear' has a non-Gaussian offset term and runs only with its own bridge "
+                f"step, method='ddm_bridge'; got method {method!r}"
+            )
+        return process
     if not isinstance(process, Process):
         name = getattr(process, "name", type(process).__name__)
         raise ValueError(
@@ -459,10 +502,17 @@ def plan(process: Process, *, method: str, num_steps: int, grid=None, **knobs) -
     may be sequences of one value per step (e.g. a tuned grid's weights,
     :func:`spd_jax.diffusion.grids.load_tuned`).
     """
-    check_process(process)
     method = check_method(method)
+    check_process(process, method)
     num_steps = _check_num_steps(num_steps)
     method_knobs, grid_kw = resolve_knobs(method, DEFAULT_GRIDS[method] if grid is None else grid, knobs)
+    linear = isinstance(process, DDMLinearProcess)
+    if linear:
+        if method_knobs["c_correction"] and "c_correction" in knobs:
+            raise ValueError("ddm_linear's bridge step uses the raw c_hat: c_correction=True is not defined "
+                             "for it (c = -x0 - a/2); leave c_correction unset or False")
+        method_knobs["c_correction"] = False
+        process = process.gaussian
     if method == "predict_project" and process.num_levels is not None:
         raise ValueError(
             f"predict_project needs the continuous SDE drift and diffusion (f, g^2) of the process; "
@@ -487,6 +537,8 @@ def plan(process: Process, *, method: str, num_steps: int, grid=None, **knobs) -
                 f"step {j} (t = {grid[j]:.6g} -> {grid[j + 1]:.6g}); alpha_t = 0 there? "
                 "start below t = 1 (t_max < 1)"
             )
+    if linear:
+        tables["a_a"] = _slope_table(grid, stochastic=bool(method_knobs["stochastic"]))
     tables.update(
         t_cur=grid[:-1],
         t_next=grid[1:],
@@ -496,7 +548,7 @@ def plan(process: Process, *, method: str, num_steps: int, grid=None, **knobs) -
         sigma_next=sigma[1:],
     )
     steps = grid.size - 1
-    nfe, aux = count_nfe(method, steps, final_zero=grid[-1] == 0.0, projection=method_knobs.get("projection"))
+    nfe, aux = count_nfe(method, steps, final_zero=grid[-1] == 0.0, projection=_pp_projection(method_knobs))
     noisy = bool(np.any(tables.get("a_z", 0.0) != 0.0))
     return Plan(method, grid, tables, noisy, nfe, aux)
 
@@ -507,6 +559,8 @@ def count_nfe(method: str, steps: int, *, final_zero: bool = True, projection=No
     if method == "heun":
         return (2 * steps - 1 if final_zero else 2 * steps), 0
     if method == "predict_project":
+        if projection is _no_projection:
+            return steps, 0
         return (2 * steps, 0) if projection is None else (steps, steps)
     if method == "smd":
         return steps, steps
@@ -516,7 +570,8 @@ def count_nfe(method: str, steps: int, *, final_zero: bool = True, projection=No
 def steps_for_nfe(method: str, target_nfe: int, *, grid=None) -> int:
     """Largest num_steps N whose nominal NFE(N) <= ``target_nfe`` (docs/math.md §0 "NFE targets").
 
-    Nominal NFE: Heun 2N - 1 (2N on a grid not ending at t = 0), predict-project 2N, the
+    Nominal NFE: Heun 2N - 1 (2N on a grid not ending at t = 0), predict-project 2N (score plus
+    surrogate or trained projection; kappa = 0 without a trained projection runs only N), the
     ``ddm_public`` grid N + 1, otherwise N.
     """
     method = check_method(method)
@@ -547,6 +602,7 @@ class _JaxOps:
     def __init__(self, c, *, denoiser, projection, basis, key, index, shape, clip_x0, bridge, c_correction,
                  noisy, smd):
         self.c, self.denoiser, self.basis, self.key, self.index = c, denoiser, basis, key, index
+        self.linear = "a_a" in c
         self.shape, self.clip_x0, self.bridge, self.c_correction = shape, clip_x0, bridge, c_correction
         self.noisy, self.smd = noisy, smd
         self.projection = None if projection is None else self._project_with(projection)
@@ -563,6 +619,14 @@ class _JaxOps:
             pred = self.denoiser(x, self._time(level))
         if not isinstance(pred, Prediction):
             raise TypeError(f"a denoiser must return spd_jax.diffusion.parameterization.Prediction; got {type(pred)}")
+        slope = None
+        if self.linear:
+            if pred.a is None or pred.c is None:
+                raise ValueError("process 'ddm_linear' needs a denoiser returning Prediction(x0, eps, c, a) "
+                                 "(the 'ddm_linear' head)")
+            slope = jnp.clip(pred.a, -1.0, 1.0)  # a ~ clip(N(0, 1), -1, 1): project onto its support
+            t = self.c["t_" + level]
+            pred = pred._replace(x0=pred.x0 - 0.5 * (slope - pred.a) * t * t)  # x0_hat of the clipped slope
         x0 = jnp.clip(pred.x0, -1.0, 1.0) if self.clip_x0 else pred.x0
         u0 = bases.to_spectral(x0, self.basis)
         if self.clip_x0 and not self.bridge:
@@ -573,7 +637,7 @@ class _JaxOps:
             neg_c = u0
         else:
             neg_c = -bases.to_spectral(pred.c, self.basis)
-        return Spectral(u0, eps, neg_c)
+        return Spectral(u0, eps, neg_c, slope)
 
     def noise(self):
         if not self.noisy:
@@ -680,7 +744,8 @@ def sample(
         parameters as ``variables`` rather than closing over them.
       variables: a pytree handed to the denoiser as a traced argument (e.g. Flax variables):
         sampling with another parameter set of the same structure reuses the compiled sampler.
-      process: a Gaussian-prior :class:`~spd_jax.diffusion.processes.Process`.
+      process: a Gaussian-prior :class:`~spd_jax.diffusion.processes.Process`, or
+        :class:`~spd_jax.diffusion.processes.DDMLinearProcess` with ``method="ddm_bridge"``.
       method: one of :data:`METHODS`; ``knobs`` are its options (:data:`KNOBS`) and grid options.
       num_steps: sampler steps N (>= 1); the NFE is in ``info["nfe"]`` (see :func:`steps_for_nfe`).
       key: PRNG key; noise of example i at step j is normal(fold_in(fold_in(key, i), j)).
@@ -698,12 +763,15 @@ def sample(
     """
     if not isinstance(clip_x0, bool):
         raise ValueError(f"clip_x0 must be True or False; got {clip_x0!r}")
-    check_process(process)
     method = check_method(method)
+    check_process(process, method)
+    plan_ = plan(process, method=method, num_steps=num_steps, grid=grid, **knobs)
+    linear = isinstance(process, DDMLinearProcess)
+    if linear:  # its Gaussian part (alpha, sigma, prior) is ddm_constant's; the slope enters via the tables
+        process = process.gaussian
     shape, x_T = _resolve_shape(process, shape, x_T)
     index = example_index(shape[0], index)
-    plan_ = plan(process, method=method, num_steps=num_steps, grid=grid, **knobs)
-    projection = knobs.get("projection")
+    projection = _pp_projection(knobs) if method == "predict_project" else None
     try:
         hash(denoiser)
         hash(projection)
@@ -725,7 +793,7 @@ def sample(
         basis="identity" if process.is_scalar else process.basis,
         shape=shape,
         clip_x0=clip_x0,
-        c_correction=bool(knobs.get("c_correction", True)),
+        c_correction=False if linear else bool(knobs.get("c_correction", True)),
         noisy=plan_.noisy,
         project=project,
     )

@@ -197,6 +197,7 @@ def tune(
     iterations: int = 200,
     learning_rate: float = 0.05,
     tune_weights: bool = True,
+    start: Tuned | None = None,
     **knobs,
 ) -> Tuned:
     """Tune the grid (and per-step weights) of ``method`` at ``nfe`` for data N_B(0, ``spectrum``).
@@ -206,6 +207,11 @@ def tune(
     log of the worst KL over the nominal grid and the +-2 % perturbations (``"robust"``) with
     Adam for ``iterations`` steps, keeping the best iterate. Returns a :class:`Tuned` whose KLs
     are re-evaluated with the NumPy law of :func:`spd_jax.diffusion.analytic.sampler_law`.
+
+    ``start``: warm start from another tuning of the same method (any NFE, e.g. the next lower
+    one): its levels, read as a piecewise-linear curve of log sigma_ref over the step index, and
+    its per-step weights are resampled onto this NFE's steps. ``kl_default`` still refers to the
+    default grid; the result is never worse than the default or the resampled start.
     """
     start_time = time.time()
     _check_tunable(process, method)
@@ -220,9 +226,15 @@ def tune(
     weight_name = TUNABLE[method]
     weights0 = np.zeros(num_steps) if weight_name is None else np.broadcast_to(
         np.asarray(method_knobs[weight_name], np.float64), (num_steps,)).copy()
+    if start is not None and start.method != method:
+        raise ValueError(f"a warm start must come from a tuning of {method!r}; got one of {start.method!r}")
     with jax.enable_x64(True):
         fn = ExactKL(process, spectrum, method, num_steps, t_max=default.grid[0], knobs=method_knobs)
         log_levels0 = np.log(grids.reference_level(process, default.grid[1:-1]))
+        init_weights = weights0
+        if start is not None:
+            log_levels0, init_weights = _resample(start, num_steps, process, float(fn.log_top),
+                                                  float(fn.log_floor), weight_name, weights0)
         top = float(fn.log_top)
         heights0 = np.maximum(np.concatenate([[top], log_levels0]) - float(fn.log_floor), 1e-9)
         fractions0 = np.clip(heights0[1:] / heights0[:-1], 1e-6, 1 - 1e-6)
@@ -251,7 +263,8 @@ def tune(
             return jnp.log(jnp.maximum(nominal, jnp.max(perturbed)))
 
         params = {"dec": jnp.asarray(np.log(fractions0) - np.log1p(-fractions0)),
-                  "w": jnp.asarray(_raw_weights(method, weights0))}
+                  "w": jnp.asarray(_raw_weights(method, init_weights))}
+        init_params = params
         opt = optax.adam(optax.cosine_decay_schedule(learning_rate, max(int(iterations), 1), alpha=0.01))
         trainable = {"dec": True, "w": tune_weights and weight_name is not None}
         mask = jax.tree.map(lambda p, keep: jnp.ones_like(p) if keep else jnp.zeros_like(p), params, trainable)
@@ -299,6 +312,17 @@ def tune(
 
     kl_default = numpy_kl(default.grid, method_knobs)
     kl_tuned = numpy_kl(tuned_grid, tuned_knobs)
+    if start is not None:  # keep the resampled start when the optimisation did not improve on it
+        with jax.enable_x64(True):
+            start_levels, start_w = unpack(init_params)
+            start_grid = grids.check_grid(np.asarray(fn.grid(start_levels), np.float64))
+            start_perturbed = np.asarray(kls(init_params)[1])
+        start_knobs = dict(tuned_knobs)
+        if weight_name is not None:
+            start_knobs[weight_name] = [float(x) for x in np.asarray(start_w, np.float64)]
+        kl_start = numpy_kl(start_grid, start_knobs)
+        if kl_start < kl_tuned:
+            tuned_grid, tuned_knobs, kl_tuned, tuned_perturbed = start_grid, start_knobs, kl_start, start_perturbed
     if kl_tuned > kl_default:  # never report a setting worse than the start
         tuned_grid, tuned_knobs, kl_tuned = default.grid, dict(method_knobs), kl_default
         tuned_perturbed = default_perturbed
@@ -319,6 +343,22 @@ def tune(
         seconds=time.time() - start_time,
         history=history,
     )
+
+
+def _resample(start: Tuned, num_steps: int, process: Process, log_top: float, log_floor: float,
+              weight_name: str | None, weights0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``start``'s interior log reference levels and per-step weights resampled onto ``num_steps``
+    steps (levels: piecewise linear over the step index from log_top to log_floor at t = 0)."""
+    old_steps = len(start.grid) - 1
+    interior = np.log(grids.reference_level(process, np.asarray(start.grid[1:-1], np.float64)))
+    curve = np.concatenate([[log_top], interior, [log_floor]])
+    position = np.arange(1, num_steps) * old_steps / num_steps
+    levels = np.interp(position, np.arange(old_steps + 1), curve)
+    weights = weights0
+    if weight_name is not None and np.ndim(start.knobs.get(weight_name)) == 1:
+        old = np.asarray(start.knobs[weight_name], np.float64)
+        weights = np.interp((np.arange(num_steps) + 0.5) * old_steps / num_steps, np.arange(old_steps) + 0.5, old)
+    return levels, weights
 
 
 def save(tuned: Tuned, path, **extra) -> dict:

@@ -5,7 +5,9 @@ A head names what the network outputs in pixel space:
 * ``"eps"``, ``"x0"``, ``"v"``, ``"flow"``, ``"score"``: one output, converted per frequency by
   :func:`spd_jax.diffusion.parameterization.prediction_from_output`;
 * ``"ddm_dual"``: two outputs (c, eps) from a two-decoder U-Net, c = -x_0 (docs/math.md §4);
-* ``"ddm_c"``: one output c, with eps derived as (x_t + alpha c) / sigma (single-decoder DDM/ADM).
+* ``"ddm_c"``: one output c, with eps derived as (x_t + alpha c) / sigma (single-decoder DDM/ADM);
+* ``"ddm_linear"``: two decoders, (a, C) on the first (twice the image's channels: a, then C) and
+  eps on the second, for DDM's linear attenuation (docs/math.md §2.6b, process ``ddm_linear``).
 
 Every denoiser follows ``denoiser(x_t, t, *, key=None) -> Prediction(x0, eps[, c])``; SMD models
 draw their latent noise eta from ``key`` (one draw per example, docs/math.md §6.7).
@@ -22,8 +24,10 @@ from spd_jax.diffusion import parameterization as param
 from spd_jax.diffusion.rng import per_example_normal
 from spd_jax.models.smd import SMDNet
 
-HEADS = param.TARGETS + ("ddm_dual", "ddm_c")
-DDM_HEADS = ("ddm_dual", "ddm_c")
+HEADS = param.TARGETS + ("ddm_dual", "ddm_c", "ddm_linear")
+DDM_HEADS = ("ddm_dual", "ddm_c")  #: heads of the Gaussian DDM processes (ddm_constant, rectified_flow)
+#: decoders and output channels (in multiples of the image's) of each head's network
+HEAD_DECODERS = {"ddm_dual": (1, 1), "ddm_linear": (2, 1)}
 
 
 def check_head(head: str) -> str:
@@ -45,9 +49,27 @@ def ddm_outputs(process, x_t, t, output, head: str):
     return output, param.ddm_eps_from_c(x_t, output, alpha, sigma)
 
 
+def linear_outputs(x_t, output):
+    """(a, C, eps) of a ``"ddm_linear"`` network's output ((a, C) stacked on channels, eps)."""
+    channels = x_t.shape[-1]
+    if (not isinstance(output, tuple) or len(output) != 2 or output[0].shape[-1] != 2 * channels
+            or output[1].shape[-1] != channels):
+        got = tuple(o.shape for o in output) if isinstance(output, tuple) else output.shape
+        raise ValueError(f"head 'ddm_linear' needs two decoders with {2 * channels} and {channels} output "
+                         f"channels ((a, C), eps); got outputs of shapes {got}")
+    slope_and_c, eps = output
+    return slope_and_c[..., :channels], slope_and_c[..., channels:], eps
+
+
 def prediction_from_head(process, x_t, t, output, head: str) -> param.Prediction:
-    """Prediction(x0, eps[, c]) of a network ``output`` for any head of :data:`HEADS`."""
+    """Prediction(x0, eps[, c][, a]) of a network ``output`` for any head of :data:`HEADS`."""
     check_head(head)
+    if head == "ddm_linear":
+        if getattr(process, "name", None) != "ddm_linear":
+            raise ValueError(f"head 'ddm_linear' belongs to process 'ddm_linear'; got {process.name!r}")
+        slope, c, eps = linear_outputs(x_t, output)
+        t_b = t.reshape(t.shape + (1,) * (x_t.ndim - 1))
+        return param.Prediction(x0=param.ddm_linear_x0(x_t, slope, c, eps, t_b), eps=eps, c=c, a=slope)
     if head in DDM_HEADS:
         c, eps = ddm_outputs(process, x_t, t, output, head)
         return param.ddm_prediction(process, x_t, t, c, eps)

@@ -7,6 +7,10 @@
   so z depends on eta from the start);
 * ``denoiser``: a U-Net built with ``hyper_dim = latent_dim``, whose two hypernetwork sites
   (after the input conv and after the last residual block) read z.
+
+The same composition serves the small MLPs of :mod:`spd_jax.models.mlp` (:func:`~spd_jax.models.mlp.smd_mlp`):
+any pair of networks with the U-Net's call signature, ``hyper_dim`` on the denoiser and
+``out_channels`` on the latent network.
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ class SMDNet(nn.Module):
     :class:`UNet` (the denoiser only). Use :meth:`latent` (via ``method=``) to read z alone.
     """
 
-    denoiser: UNet
-    latent_net: UNet
+    denoiser: nn.Module  # a UNet (or MLP) with hyper_dim set
+    latent_net: nn.Module  # a UNet (or MLP) with out_channels = the denoiser's hyper_dim
 
     def _check(self) -> None:
         if self.denoiser.hyper_dim is None:
-            raise ValueError("the SMD denoiser must be a UNet with hyper_dim set")
+            raise ValueError("the SMD denoiser must be a network with hyper_dim set")
         if self.latent_net.out_channels != self.denoiser.hyper_dim:
             raise ValueError(
                 f"latent_net.out_channels ({self.latent_net.out_channels}) must equal the denoiser's "

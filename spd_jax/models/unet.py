@@ -359,6 +359,8 @@ class UNet(nn.Module):
       cond_channels: channels of the conditioning image concatenated to ``x`` (0: none).
       resample: "conv" (strided conv / nearest + conv) or "resblock" (resampling residual blocks).
       num_decoders: 1, or 2 for DDM's (c, eps) dual head sharing one encoder.
+      first_output_mult: the first decoder outputs this many times ``out_channels`` (2 for DDM's
+        linear-attenuation head, whose first decoder predicts (a, C)).
       decouple: open each decoder with DDM's decouple block.
       mid_attention: self-attention in the middle block.
       norm_groups: largest GroupNorm group count (fewer for narrow layers, see
@@ -385,6 +387,7 @@ class UNet(nn.Module):
     cond_channels: int = 0
     resample: str = "conv"
     num_decoders: int = 1
+    first_output_mult: int = 1
     decouple: bool = False
     mid_attention: bool = True
     norm_groups: int = 32
@@ -462,7 +465,7 @@ class UNet(nn.Module):
         )
         outputs = tuple(
             Decoder(
-                out_channels=self.out_channels or x.shape[-1],
+                out_channels=(self.out_channels or x.shape[-1]) * (self.first_output_mult if i == 0 else 1),
                 decouple=self.decouple,
                 mid_attention=self.mid_attention,
                 zero_output_init=self.zero_output_init,

@@ -19,10 +19,11 @@ from etils import epath
 
 from spd_jax import data, losses, tasks, training
 from spd_jax.diffusion import grids, processes, samplers, spectrum
-from spd_jax.models.heads import DDM_HEADS
+from spd_jax.models.heads import DDM_HEADS, HEAD_DECODERS
+from spd_jax.models.mlp import MLP, smd_mlp
 from spd_jax.models.smd import SMDNet, smd_net
 from spd_jax.models.unet import UNet
-from spd_jax.run.checks import ConfigError
+from spd_jax.run.checks import MLP_KINDS, SMD_KINDS, ConfigError
 from spd_jax.training import checkpoint
 
 #: the parts of a config that define the network and its process; a checkpoint restored for
@@ -82,8 +83,13 @@ def build_process(config, spec: np.ndarray, shape: tuple):
 
 
 def build_model(config):
-    """The network of ``config.model`` (a UNet, or an SMDNet around one)."""
+    """The network of ``config.model`` (a UNet or MLP, or an SMDNet around one)."""
     m = config.model
+    if m.kind in MLP_KINDS:
+        mlp = MLP(width=m.mlp_width, num_blocks=m.mlp_blocks, time_embedding=m.time_embedding,
+                  time_levels=(config.process.num_levels or None) if m.time_embedding == "discrete" else None,
+                  dtype=jnp.dtype(m.dtype))
+        return smd_mlp(mlp, latent_dim=m.latent_dim, latent_width=m.latent_base_channels) if m.kind == "smd_mlp" else mlp
     unet = UNet(
         base_channels=m.base_channels,
         channel_mult=tuple(m.channel_mult),
@@ -93,7 +99,8 @@ def build_model(config):
         head_channels=m.head_channels or None,
         dropout=m.dropout,
         resample=m.resample,
-        num_decoders=2 if m.head == "ddm_dual" else 1,
+        num_decoders=len(HEAD_DECODERS.get(m.head, (1,))),
+        first_output_mult=HEAD_DECODERS.get(m.head, (1,))[0],
         decouple=m.decouple,
         mid_attention=m.mid_attention,
         norm_groups=m.norm_groups,
@@ -112,13 +119,14 @@ def build_loss(config, model, process) -> training.LossFn:
     """The training objective matching the model's head and kind, with the task's conditioning
     image added to each batch (:func:`spd_jax.losses.conditioned_loss`)."""
     lc, head = config.loss, config.model.head
-    if head in DDM_HEADS:
+    if head in DDM_HEADS + ("ddm_linear",):
         loss = losses.make_ddm_loss(model, process, head=head, weighting=lc.ddm_weighting,
                                     rec_weight=lc.ddm_rec_weight, t_min=lc.t_min, t_max=lc.t_max)
-    elif config.model.kind == "smd" and lc.smd == "mixture":
+    elif config.model.kind in SMD_KINDS and lc.smd == "mixture":
         loss = losses.make_smd_mixture_loss(model, process, num_samples=lc.smd_samples, step=lc.smd_step or None,
-                                            target=head, t_min=lc.t_min, t_max=lc.t_max)
-    elif config.model.kind == "smd":
+                                            target=head, bandwidth=lc.smd_bandwidth, t_min=lc.t_min,
+                                            t_max=lc.t_max)
+    elif config.model.kind in SMD_KINDS:
         loss = losses.make_smd_loss(model, process, target=head, t_min=lc.t_min, t_max=lc.t_max)
     else:
         loss = losses.make_denoising_loss(model, process, target=head, t_min=lc.t_min, t_max=lc.t_max)

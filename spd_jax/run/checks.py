@@ -14,15 +14,16 @@ from etils import epath
 from spd_jax import data
 from spd_jax.diffusion import grids, processes, samplers
 from spd_jax.losses import DDM_WEIGHTINGS
-from spd_jax.models.heads import DDM_HEADS, HEADS
+from spd_jax.models.heads import DDM_HEADS, HEAD_DECODERS, HEADS
 from spd_jax.models.unet import RESAMPLE_MODES, TIME_EMBEDDINGS
 from spd_jax.tasks import FACTORS, MASKS, TASK_NAMES
 from spd_jax.training import SCHEDULES
 
-MODEL_KINDS = ("unet", "smd")
-#: processes the training system can train and sample (IHDM needs its residual loss and sampler,
-#: ddm_linear its own (a, C) head and bridge step)
-TRAINABLE_PROCESSES = tuple(p for p in processes.PROCESS_NAMES if p not in ("ihdm", "ddm_linear"))
+MODEL_KINDS = ("unet", "smd", "mlp", "smd_mlp")
+SMD_KINDS = ("smd", "smd_mlp")  #: model kinds with SMD's latent network (sampled with method 'smd')
+MLP_KINDS = ("mlp", "smd_mlp")  #: small residual MLPs (low-dimensional data such as the mixture2d toy)
+#: processes the training system can train and sample (IHDM needs its residual loss and sampler)
+TRAINABLE_PROCESSES = tuple(p for p in processes.PROCESS_NAMES if p != "ihdm")
 SPECTRUM_SOURCES = ("estimate", "preset")
 SMD_LOSSES = ("single_eta", "mixture")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -136,7 +137,7 @@ def _validate(config, device_count: int, process_count: int) -> None:
     if not mult or any(not isinstance(m, int) or m < 1 for m in mult):
         _fail("model.channel_mult", mult, "a non-empty tuple of integers >= 1")
     size = data.image_size(config.data.name, config.data.image_size)
-    if size % 2 ** (len(mult) - 1):
+    if config.model.kind not in MLP_KINDS and size % 2 ** (len(mult) - 1):
         _fail("model.channel_mult", mult, f"at most log2-many levels for {size}-pixel images "
               f"({size} must be divisible by 2^(levels - 1))")
     batch = config.train.batch_size
@@ -158,9 +159,12 @@ def _validate(config, device_count: int, process_count: int) -> None:
         _fail("loss.t_min", (config.loss.t_min, config.loss.t_max), "0 <= t_min < t_max <= 1")
     if not 0.0 < config.sample.t_max <= 1.0:
         _fail("sample.t_max", config.sample.t_max, "a time in (0, 1]")
-    if config.model.kind == "smd" and config.loss.smd == "mixture":
-        if not 0.0 <= config.loss.smd_step < config.loss.t_max:
-            _fail("loss.smd_step", config.loss.smd_step, "a reverse step in [0, loss.t_max) (0 = one discrete level)")
+    if config.model.kind in SMD_KINDS and config.loss.smd == "mixture":
+        if config.loss.smd_bandwidth > 0 and config.loss.smd_step < 0:
+            _fail("loss.smd_step", config.loss.smd_step, "a reverse step >= 0 (0 = one discrete level)")
+        if not config.loss.smd_bandwidth > 0 and not 0.0 <= config.loss.smd_step < config.loss.t_max:
+            _fail("loss.smd_step", config.loss.smd_step, "a reverse step in [0, loss.t_max) (0 = one discrete level; "
+                  "larger steps need loss.smd_bandwidth > 0)")
         if not config.loss.smd_step and not config.process.num_levels:
             _fail("loss.smd_step", config.loss.smd_step, "a reverse step > 0 for a continuous process")
     if config.process.num_levels and config.process.name != "vp_linear":
@@ -169,6 +173,8 @@ def _validate(config, device_count: int, process_count: int) -> None:
         _fail("process.num_levels", config.process.num_levels, "0 (continuous) or an integer >= 2")
     _check_families(config)
     _check_task(config)
+    _check_projection(config)
+    _check_points(config)
 
 
 def _check_families(config) -> None:
@@ -179,10 +185,75 @@ def _check_families(config) -> None:
         _fail("model.head", head, f"a non-DDM head for the spectral process {config.process.name!r}")
     if head in DDM_HEADS and kind != "unet":
         _fail("model.head", head, "a non-DDM head for an SMD model")
-    if method == "smd" and kind != "smd":
+    linear = config.process.name == "ddm_linear"
+    if linear != (head == "ddm_linear"):
+        _fail("model.head", head, "'ddm_linear' exactly when config.process.name is 'ddm_linear' (its (a, C) "
+              "and eps heads)")
+    if linear and kind != "unet":
+        _fail("model.kind", kind, "'unet' for the ddm_linear head")
+    if linear and method != "ddm_bridge":
+        _fail("sample.method", method, "'ddm_bridge' for process 'ddm_linear' (its only sampler)")
+    if method == "smd" and kind not in SMD_KINDS:
         _fail("sample.method", method, "a method other than 'smd' for a model without latent network")
-    if kind == "smd" and method not in ("smd",):
+    if kind in SMD_KINDS and method not in ("smd",):
         _fail("sample.method", method, "'smd' for an SMD model (its denoiser draws a latent per step)")
+
+
+def _check_points(config) -> None:
+    """Point clouds (``data.POINT_DATASETS``) have no image spectrum, PNG grids or conditioning; MLPs
+    take no conditioning image."""
+    name = config.data.name
+    task = config.get("task", None)
+    if config.model.kind in MLP_KINDS:
+        if config.model.head in DDM_HEADS + ("ddm_linear",):
+            _fail("model.head", config.model.head, f"a non-DDM head for model.kind {config.model.kind!r}")
+        _positive(config, "model.mlp_width", "model.mlp_blocks", "model.latent_base_channels")
+        if config.model.mlp_width % 4:
+            _fail("model.mlp_width", config.model.mlp_width, "a multiple of 4 (the time embedding's size)")
+        if task is not None and task.name:
+            _fail("task.name", task.name, f"'' for model.kind {config.model.kind!r} (an MLP takes no conditioning)")
+    if config.model.kind in SMD_KINDS:
+        _positive(config, "model.latent_dim")
+    if config.loss.smd_bandwidth < 0:
+        _fail("loss.smd_bandwidth", config.loss.smd_bandwidth, "a std >= 0 (0 = none)")
+    if name not in data.POINT_DATASETS:
+        return
+    if config.process.spectrum != "preset":
+        _fail("process.spectrum", config.process.spectrum, f"'preset' for the point cloud {name!r} (no image "
+              "spectrum to estimate)")
+    if config.process.name in processes.SPECTRAL_PROCESSES:
+        _fail("process.name", config.process.name, f"a scalar process for the point cloud {name!r}")
+    if config.sample.grid_images:
+        _fail("sample.grid_images", config.sample.grid_images, f"0 for the point cloud {name!r} (no PNG grids)")
+    if task is not None and task.name:
+        _fail("task.name", task.name, f"'' for the point cloud {name!r}")
+
+
+def _check_projection(config) -> None:
+    """A projection run (``config.projection.score_workdir`` set; spd_jax.run.projection) trains a
+    single-output U-Net T_theta for unconditional predict-project sampling with N uniform steps."""
+    block = config.get("projection", None)
+    if block is None:
+        return
+    _positive(config, "projection.num_steps")
+    if not block.score_workdir:
+        return
+    task = config.get("task", None)
+    if task is not None and task.name:
+        _fail("task.name", task.name, "'' for a projection run (unconditional predict-project sampling)")
+    if config.model.kind != "unet" or config.model.head in HEAD_DECODERS:
+        _fail("model.kind", (config.model.kind, config.model.head), "a single-output 'unet' (head eps, x0, v, "
+              "flow or score) for the projection network T_theta")
+    if config.sample.method != "predict_project":
+        return  # other samplers draw from the score model alone
+    if config.sample.grid not in ("", "uniform_t"):
+        _fail("sample.grid", config.sample.grid, "'' or 'uniform_t' for predict_project with a trained projection "
+              "(it is trained for N uniform steps)")
+    steps = samplers.steps_for_nfe("predict_project", config.sample.nfe)
+    if steps != block.num_steps:
+        _fail("sample.nfe", config.sample.nfe, f"{2 * block.num_steps} (2 x projection.num_steps = "
+              f"{block.num_steps}): the projection network was trained for that many steps; predict_project "
+              f"at {config.sample.nfe} NFE takes {steps}")
 
 
 def input_files(config) -> list[str]:

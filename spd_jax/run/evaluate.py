@@ -36,9 +36,11 @@ report.json (schema ``spd_jax.eval/2``)::
     description   workdir, eval_dir, dataset, process, model_head, model_kind, checkpoint_step,
                   params ("ema"), ema_decay, train_num_steps, clip_x0, t_max, sample_batch_size,
                   task {name, label; tasks also factor, mask, enforce_known}, projection (how
-                  known pixels are kept: inpainting with enforce_known, else "none")
+                  known pixels are kept: inpainting with enforce_known, else "none"); a projection
+                  run (spd_jax.run.projection) adds projection_network {score_workdir,
+                  score_checkpoint_step, score_head, num_steps, kappa}
     settings      one entry per setting, in the order of config.eval.settings: method,
-                  nfe_requested, nfe (actual), aux_nfe, sample_seconds, num_samples,
+                  nfe_requested, nfe (actual), aux_nfe, total_nfe (nfe + aux_nfe), sample_seconds, num_samples,
                   metrics {key: value}, metric_seconds, note ("" or what is special about it),
                   stem (its folder under settings/)
     floor         unconditional: {name, num_images, metrics} of real training images scored like
@@ -74,7 +76,7 @@ import numpy as np
 from spd_jax import data, tasks
 from spd_jax.diffusion import processes, samplers
 from spd_jax.metrics.protocol import FID_NUM_SAMPLES
-from spd_jax.run import builders, checks, sampling, scoring
+from spd_jax.run import builders, checks, projection, sampling, scoring
 from spd_jax.run.checks import ConfigError
 
 #: samples per setting of an unconditional model when no FID/KID is computed (num_samples = 0)
@@ -199,6 +201,10 @@ def check(config: ml_collections.ConfigDict, workdir=None) -> Plan:
     written); returns the resolved :class:`Plan`. ``workdir`` locates a tuned grid
     (``config.sample.grid = "tuned:NAME"``)."""
     checks.validate(config, jax.device_count(), jax.process_count())
+    if config.data.name in data.POINT_DATASETS:
+        raise ConfigError(f"config.data.name = {config.data.name!r}: --mode=eval scores images (8-bit samples, image "
+                          "metrics); score the point cloud with spd_jax.metrics.mixture (on-mode fraction, NLL under the true "
+                          "mixture), as python -m benchmarks.smd_claim does")
     task = builders.task_of(config)
     settings = parse_settings(config.eval.settings)
     for method, nfe in settings:
@@ -241,25 +247,34 @@ def load_images(config, split: str, count: int | None = None, seed: int = 0) -> 
 
 
 def make_generate(config, restored: builders.Restored, batch: int,
-                  degraded: tasks.Degraded | None = None, workdir=None) -> scoring.Generate:
+                  degraded: tasks.Degraded | None = None, workdir=None,
+                  parts: projection.SamplingParts | None = None) -> scoring.Generate:
     """A :data:`spd_jax.run.scoring.Generate` over the restored EMA params: one compiled sampler
     per (method, NFE) (:func:`spd_jax.run.sampling.make_sampler`), batches of ``batch`` (the last
     one padded), per-example seeds; for a task, example i is conditioned on row i of ``degraded``
-    (NumPy arrays)."""
+    (NumPy arrays). ``parts`` (:func:`spd_jax.run.projection.sampling_parts`; default: ``restored``
+    as it is) carries a projection run's score model and trained T_theta, whose N calls are the
+    ``aux_nfe`` of ``predict_project``."""
     task = builders.task_of(config)
+    parts = parts or projection.SamplingParts(restored, str(config.model.head), None, None)
+    restored = parts.restored
     cache = {}
+
+    def aux_nfe(method: str, used: int) -> int:  # one latent / projection call per score call
+        return used if method == "smd" or (method == "predict_project" and parts.projection_model is not None) else 0
 
     def generate(method: str, nfe: int, key, num: int, index_offset: int):
         if (method, nfe) not in cache:
             cache[method, nfe] = sampling.make_sampler(
-                restored.model, restored.process, config.model.head, task,
-                builders.sampler_settings(config, method, nfe, workdir), restored.shape, config.train.fast_compile)
+                restored.model, restored.process, parts.head, task,
+                builders.sampler_settings(config, method, nfe, workdir), restored.shape, config.train.fast_compile,
+                projection_model=parts.projection_model)
         rows = None
         if degraded is not None:
             rows = tasks.Degraded(*(a[index_offset : index_offset + num] for a in degraded))
         images, used = sampling.draw(cache[method, nfe], restored.variables, key, num, batch, degraded=rows,
                                      offset=index_offset)
-        return images, {"nfe": used, "aux_nfe": used if method == "smd" else 0}
+        return images, {"nfe": used, "aux_nfe": aux_nfe(method, used)}
 
     return generate
 
@@ -268,7 +283,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, verbose: bool = True
     """Evaluate the run in ``workdir`` (see the module docstring); returns the report dict."""
     plan = check(config, workdir)
     workdir = checks.check_workdir(workdir)
-    restored = builders.restore_ema(config, workdir, int(config.eval.checkpoint_step))
+    parts = projection.sampling_parts(config, builders.restore_ema(config, workdir, int(config.eval.checkpoint_step)))
+    restored = parts.restored
     out_dir = workdir / "eval" / (config.eval.name or f"step_{restored.step}")
     task, seed = plan.task, int(config.eval.seed)
     dataset, ref_split, fid_split = config.data.name, config.eval.reference_split, config.eval.fid_reference_split
@@ -295,9 +311,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, verbose: bool = True
         fid_reference = load_images(config, fid_split)
     batch = min(config.eval.batch_size or config.sample.batch_size, num_samples, CHUNK_SIZE)
     scalar = bool(restored.process.is_scalar)
-    projection = "none"
+    projection_note = "none"
     if task.projects:
-        projection = ("known pixels re-imposed every step, exact for this pixel-diagonal process" if scalar else
+        projection_note = ("known pixels re-imposed every step, exact for this pixel-diagonal process" if scalar else
                       "known pixels re-imposed every step, approximate for this spectral process")
     description = {
         "workdir": str(workdir),
@@ -314,8 +330,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, verbose: bool = True
         "t_max": float(config.sample.t_max),
         "sample_batch_size": batch,
         "task": {**(task._asdict() if task.conditional else {"name": ""}), "label": task.label},
-        "projection": projection,
+        "projection": projection_note,
     }
+    if parts.score is not None:
+        description["projection_network"] = {
+            "score_workdir": parts.score.workdir, "score_checkpoint_step": int(parts.score.restored.step),
+            "score_head": parts.head, "num_steps": int(config.projection.num_steps),
+            "kappa": float(config.sample.options.get("kappa", samplers.KNOBS["predict_project"]["kappa"])),
+        }
     record = {
         "checkpoint_step": int(restored.step),
         "model_config": builders.model_config_json(config),
@@ -324,11 +346,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, verbose: bool = True
                    "options": config.sample.options.to_dict()},
         "reference": reference_name if task.conditional else None,
     }
+    if parts.score is not None:  # the samples depend on the frozen score model too
+        record["score_model"] = {"workdir": parts.score.workdir, "checkpoint_step": int(parts.score.restored.step)}
     knobs = {(m, n): {k: v for k, v in builders.sampler_settings(config, m, n, workdir).items() if k != "num_steps"}
              for m, n in plan.settings}
     notes = {(m, n): setting_note(m, n) for m, n in plan.settings}
     return scoring.evaluate(
-        make_generate(config, restored, batch, degraded, workdir),
+        make_generate(config, restored, batch, degraded, workdir, parts=parts),
         settings=plan.settings,
         reference_images=references,
         reference_name=reference_name,

@@ -26,8 +26,8 @@ from etils import epath
 
 from spd_jax import data, images, tasks, training
 from spd_jax.diffusion import samplers
-from spd_jax.models.heads import model_denoiser
-from spd_jax.run import builders, checks
+from spd_jax.models.heads import model_denoiser, model_projection
+from spd_jax.run import builders, checks, projection
 
 Sampler = Callable[..., tuple[np.ndarray, int]]
 
@@ -48,8 +48,13 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def make_sampler(model, process, head: str, task: tasks.Task, settings: dict, shape: tuple,
-                 fast_compile: bool = False, mesh: jax.sharding.Mesh | None = None) -> Sampler:
+                 fast_compile: bool = False, mesh: jax.sharding.Mesh | None = None,
+                 projection_model=None) -> Sampler:
     """A compiled ``run(variables, key, index, degraded=None) -> (images (B, H, W, C) NumPy, nfe)``.
+
+    With ``projection_model`` (a trained predict-project network T_theta, docs/math.md §6.6)
+    ``variables`` is {"score": the score model's, "projection": T_theta's}, and ``predict_project``
+    runs with projection = T_theta (other methods sample the score model alone).
 
     ``index`` (B,) holds the examples' global indices (their noise keys); ``degraded`` the
     batch's conditioning (None for unconditional generation). The batch is split over the devices
@@ -63,9 +68,14 @@ def make_sampler(model, process, head: str, task: tasks.Task, settings: dict, sh
     def run_batch(variables, key_data, index, degraded, impl):
         key = key_data if impl is None else jax.random.wrap_key_data(key_data, impl=impl)
         batch_shape = (index.shape[0],) + tuple(shape)
+        knobs = dict(settings)
+        if projection_model is not None:
+            if settings["method"] == "predict_project":
+                knobs["projection"] = model_projection(projection_model, variables["projection"])
+            variables = variables["score"]
         if degraded is None:
             denoiser = model_denoiser(model, variables, process, head)
-            x, info = samplers.sample(denoiser, process, key=key, shape=batch_shape, index=index, **settings)
+            x, info = samplers.sample(denoiser, process, key=key, shape=batch_shape, index=index, **knobs)
         else:
             denoiser = model_denoiser(model, variables, process, head, cond=degraded.cond)
             x, info = tasks.sample_with_known_pixels(
@@ -197,21 +207,28 @@ def stem(task: tasks.Task, method: str, nfe: int) -> str:
 # ---- training grids and --mode=sample -------------------------------------------------------------
 
 
-def grid_writer(config, model, process, shape: tuple, key,
-                workdir=None) -> Callable[[Any, epath.Path | None], None] | None:
+def grid_writer(config, model, process, shape: tuple, key, workdir=None,
+                score: projection.Score | None = None) -> Callable[[Any, epath.Path | None], None] | None:
     """``write(variables, path)``: the sample grid of ``config.sample`` (``grid_images`` samples, or
     input | output | reference panels of as many held-out images for a task) written to ``path``
-    (None: sample only, as the processes other than 0 do). None when ``grid_images`` is 0."""
+    (None: sample only, as the processes other than 0 do). None when ``grid_images`` is 0. With the
+    frozen ``score`` model of a projection run, ``model`` is T_theta and ``variables`` its own."""
     count = int(config.sample.grid_images)
     if not count:
         return None
     task = builders.task_of(config)
     batch = max(1, min(count, config.sample.batch_size))
     settings = builders.sampler_settings(config, workdir=workdir)
-    sampler = make_sampler(model, process, config.model.head, task, settings, shape, config.train.fast_compile)
+    if score is None:
+        sampler = make_sampler(model, process, config.model.head, task, settings, shape, config.train.fast_compile)
+    else:
+        sampler = make_sampler(score.restored.model, score.restored.process, score.head, task, settings, shape,
+                               config.train.fast_compile, projection_model=model)
     cache: dict = {}
 
     def write(variables, path):
+        if score is not None:
+            variables = {"score": score.restored.variables, "projection": variables}
         if task.conditional and not cache:
             cache["refs"] = held_out_images(config, count, fallback_to_train=True)
             cache["degraded"] = degrade_references(task, cache["refs"], key)
@@ -230,15 +247,17 @@ def sample(config, workdir: str) -> str | None:
     """``--mode=sample``: draw from the latest checkpoint's EMA parameters with ``config.sample``'s
     method and NFE. Unconditional models draw ``num_samples`` images; task models condition on
     ``num_samples`` evenly spaced held-out images or on the files of ``config.task.inputs``.
-    Writes ``samples/<stem>.{npz,png}`` (process 0) and returns the npz path (None elsewhere)."""
+    Writes ``samples/<stem>.{npz,png}`` (process 0; no PNG for a point cloud such as ``mixture2d``)
+    and returns the npz path (None elsewhere)."""
     checks.validate(config, jax.device_count(), jax.process_count())
     workdir = checks.check_workdir(workdir)
-    restored = builders.restore_ema(config, workdir)
+    parts = projection.sampling_parts(config, builders.restore_ema(config, workdir))
+    restored = parts.restored
     task = builders.task_of(config)
     key = jax.random.PRNGKey(config.sample.seed)
     settings = builders.sampler_settings(config, workdir=workdir)
-    sampler = make_sampler(restored.model, restored.process, config.model.head, task, settings, restored.shape,
-                           config.train.fast_compile)
+    sampler = make_sampler(restored.model, restored.process, parts.head, task, settings, restored.shape,
+                           config.train.fast_compile, projection_model=parts.projection_model)
     arrays: dict = {}
     if not task.conditional:
         count = int(config.sample.num_samples)
@@ -272,5 +291,6 @@ def sample(config, workdir: str) -> str | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.with_suffix(".npz").open("wb") as f:
         np.savez(f, nfe=nfe, step=restored.step, method=settings["method"], clip_x0=settings["clip_x0"], **arrays)
-    images.write_png(path.with_suffix(".png"), columns, upscale=config.sample.upscale)
+    if config.data.name not in data.POINT_DATASETS:  # a point cloud has no picture
+        images.write_png(path.with_suffix(".png"), columns, upscale=config.sample.upscale)
     return str(path.with_suffix(".npz"))

@@ -464,7 +464,8 @@ def evaluate(
         known = {} if result is None else result["metrics"]
         missing = [m for m in metrics if any(k not in known for k in metric_keys([m]))]
         scores = {**known, **suite(image_io.from_uint8(samples), only=missing)}
-        result = {"method": method, "nfe_requested": nfe, **info, "num_samples": num_samples,
+        result = {"method": method, "nfe_requested": nfe, **info, "total_nfe": info["nfe"] + info["aux_nfe"],
+                  "num_samples": num_samples,
                   "metrics": {k: scores[k] for k in keys}, "metric_seconds": time.perf_counter() - start,
                   "note": (notes or {}).get((method, nfe), ""), "stem": stem}
         outputs = image_io.from_uint8(samples[:grid_images])
@@ -472,7 +473,8 @@ def evaluate(
         if _writer():
             image_io.write_png(directory / "grid.png", columns, upscale=upscale, min_cell=32)
         write_json(directory / "result.json", result)
-        log(f"{method} NFE {info['nfe']}: " + ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items()))
+        aux = f" + {info['aux_nfe']} aux" if info["aux_nfe"] else ""
+        log(f"{method} NFE {info['nfe']}{aux}: " + ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items()))
         results.append(result)
 
     floor = baseline = None

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from spd_jax import data, training
-from spd_jax.run import builders, checks, sampling
+from spd_jax.run import builders, checks, projection, sampling
 from spd_jax.training import checkpoint, compile_cache
 from spd_jax.training.logging import MetricsWriter
 from spd_jax.training.loop import Callback, LoopSettings, fit
@@ -39,6 +39,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
 
     source = builders.build_source(config)
     shape = tuple(np.asarray(source[0]).shape)
+    score = projection.restore_score(config) if projection.is_projection_run(config) else None  # frozen
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", tc.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None:
@@ -48,6 +49,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
             meta = None
         if meta is not None:
             builders.check_same_model(config, meta, str(workdir), arrays["spectrum"].shape)
+            projection.check_resume(config, meta, str(workdir))
     model = builders.build_model(config)
     tx, schedule = builders.build_optimizer(config)
     init_key, train_key, sample_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
@@ -55,7 +57,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
     state = training.replicate(state, mesh)
     restored = ckpt.restore_latest(checkpoint.abstract_like(state, training.replicated(mesh)))
     if restored is None:
-        data_state, spec = None, builders.build_spectrum(config, source, shape)
+        data_state = None
+        spec = builders.build_spectrum(config, source, shape) if score is None else score.spectrum
     else:
         _, state, data_state, arrays, _ = restored
         spec = arrays["spectrum"]
@@ -72,11 +75,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
     if data_state is not None:
         batches.set_state(data_state)
 
-    loss_fn = data.with_model_units(builders.build_loss(config, model, process))  # uint8 batches: on device
+    loss = builders.build_loss(config, model, process) if score is None else projection.build_loss(config, model, score)
+    loss_fn = data.with_model_units(loss)  # uint8 batches: on device
     step_fn = training.shard_train_step(
         training.scan_steps(training.make_train_step(loss_fn, tx, tc.ema, schedule)), mesh, tc.fast_compile
     )
-    grid = sampling.grid_writer(config, model, process, shape, sample_key, workdir)
+    grid = sampling.grid_writer(config, model, process, shape, sample_key, workdir, score=score)
     meta = {"model_config": builders.model_config_json(config), "config": json.loads(config.to_json())}
 
     def save(at: int, current) -> None:

@@ -1,0 +1,266 @@
+"""Does a trained predict-project projection improve digits samples at equal total NFE?
+
+    python benchmarks/projection_claim.py --workdir runs --out benchmarks/results
+
+1. The score model: ``WORKDIR/digits`` (``configs/digits_spd.py``), trained unless it already holds
+   its final checkpoint (``python launch.py --config=configs/digits_spd.py --workdir=runs/digits``).
+2. For each total NFE T in ``--totals`` (default 10, 20) a projection network T_theta for N = T/2
+   steps: ``WORKDIR/digits_proj<N>`` (``configs/digits_projection.py`` with projection.num_steps = N,
+   score_workdir = WORKDIR/digits), trained unless finished.
+3. Every variant sampled at the same total NFE T (score calls + projection calls) and scored by
+   :func:`spd_jax.run.scoring.evaluate` (pixel FD, SWD, classifier; ``--num-samples`` samples against
+   the digits test split, beside the train-split floor):
+
+   * ``pp_trained_k<kappa>``: predict_project, N = T/2 steps, projection = T_theta (N score + N aux calls);
+   * ``pp_tweedie_k<kappa>``: predict_project, N = T/2, the training-free Tweedie surrogate (2N score calls);
+   * ``em``: predict_project with kappa = 0 (Euler-Maruyama, no projection), N = T;
+   * ``ddim``, ``gradient_estimation``: N = T (reference).
+
+Outputs in ``--out``: ``projection_claim.csv`` (one row per total NFE x variant x seed, plus the
+floor) and ``projection_claim.md`` (the tables). Evaluations resume from ``WORKDIR/projection_claim``.
+``--smoke`` trains tiny networks for a few steps and scores few samples (a pipeline check, not a
+result); its outputs go to WORKDIR/results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+
+from spd_jax.diffusion import samplers  # noqa: E402
+from spd_jax.models.heads import model_projection  # noqa: E402
+from spd_jax.run import builders, checks, evaluate, projection, sampling, scoring  # noqa: E402
+from spd_jax.tasks import Task  # noqa: E402
+from spd_jax.training import checkpoint, compile_cache  # noqa: E402
+
+TOTALS = (10, 20)
+TRAINED_KAPPAS = (1.0, 0.5)
+TWEEDIE_KAPPAS = (0.5, 1.0)
+METRICS = ("pixel_fd", "swd", "classifier")
+REFERENCES = ("em", "ddim", "gradient_estimation")
+
+
+def _config(name: str):
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
+def _shrink(config, steps: int) -> None:
+    """Tiny network and run (--smoke)."""
+    m = config.model
+    m.base_channels, m.channel_mult, m.num_res_blocks, m.norm_groups = 8, (1,), 1, 8
+    config.process.spectrum_images = 64
+    config.optim.warmup_steps = 0
+    config.train.update(batch_size=16, num_steps=steps, log_every=steps, checkpoint_every=steps, fast_compile=True)
+    config.sample.update(grid_images=4, batch_size=16)
+
+
+def score_config(workdir: Path, smoke: bool):
+    config = _config("digits_spd")
+    if smoke:
+        _shrink(config, 20)
+    return config
+
+
+def projection_config(workdir: Path, score_dir: Path, steps: int, smoke: bool, train_steps: int):
+    config = _config("digits_projection")
+    if smoke:
+        _shrink(config, 20)
+    else:
+        config.train.num_steps = train_steps
+        config.train.checkpoint_every = train_steps
+    config.projection.score_workdir = str(score_dir)
+    config.projection.num_steps = steps
+    config.sample.nfe = 2 * steps
+    config.eval.settings = f"predict_project:{2 * steps}"
+    return config
+
+
+def _finished(config, workdir: Path) -> bool:
+    ckpt_dir = workdir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return False
+    ckpt = checkpoint.Checkpointer(ckpt_dir, config.train.keep_checkpoints)
+    try:
+        return ckpt.latest_step() == config.train.num_steps
+    finally:
+        ckpt.close()
+
+
+def ensure_trained(config, workdir: Path, log=print) -> None:
+    """Train (or resume) the run of ``config`` in ``workdir`` unless it holds its final checkpoint."""
+    from spd_jax.run import train
+
+    checks.validate(config, jax.device_count(), jax.process_count())
+    if _finished(config, workdir):
+        log(f"{workdir}: finished earlier ({config.train.num_steps} steps), reused")
+        return
+    log(f"{workdir}: training {config.train.num_steps} steps")
+    train.train(config, str(workdir))
+
+
+def variants(total: int) -> list[tuple[str, dict]]:
+    """(label, sampler settings without the projection) of every variant at ``total`` NFE."""
+    if total % 2:
+        raise ValueError(f"total NFE {total} must be even (predict-project makes 2 calls per step)")
+    half = total // 2
+    out = [(f"pp_trained_k{k:g}", dict(method="predict_project", num_steps=half, kappa=k, trained=True))
+           for k in TRAINED_KAPPAS]
+    out += [(f"pp_tweedie_k{k:g}", dict(method="predict_project", num_steps=half, kappa=k)) for k in TWEEDIE_KAPPAS]
+    out += [("em", dict(method="predict_project", num_steps=total, kappa=0.0))]
+    out += [(m, dict(method=m, num_steps=total)) for m in ("ddim", "gradient_estimation")]
+    return out
+
+
+def make_generate(score_cfg, score: projection.Score, trained: dict, batch: int):
+    """A :data:`spd_jax.run.scoring.Generate` for ``(label, total)`` settings of :func:`variants`;
+    ``trained`` maps N to a restored projection run. info carries the library's NFE counts."""
+    s = score.restored
+    cache: dict = {}
+
+    def settings_of(label: str, total: int) -> tuple[dict, bool]:
+        spec = dict(dict(variants(total))[label])
+        use_trained = spec.pop("trained", False)
+        base = builders.sampler_settings(score_cfg, spec["method"], total)
+        base.update(spec)
+        if spec["method"] != "predict_project":
+            base.pop("kappa", None)
+        return base, use_trained
+
+    def generate(label: str, total: int, key, num: int, offset: int):
+        if (label, total) not in cache:
+            settings, use_trained = settings_of(label, total)
+            model = trained[settings["num_steps"]].model if use_trained else None
+            sampler = sampling.make_sampler(s.model, s.process, score.head, Task(), settings, s.shape,
+                                            projection_model=model)
+            variables = ({"score": s.variables, "projection": trained[settings["num_steps"]].variables}
+                         if use_trained else s.variables)
+            knobs = {k: v for k, v in settings.items() if k not in ("method", "num_steps", "grid", "clip_x0")}
+            if use_trained:  # the count of a trained projection (any callable counts the same)
+                knobs["projection"] = model_projection(model, variables["projection"])
+            counted = samplers.plan(s.process, method=settings["method"], num_steps=settings["num_steps"],
+                                    grid=settings["grid"], **knobs)
+            cache[label, total] = (sampler, variables, counted)
+        sampler, variables, counted = cache[label, total]
+        images, nfe = sampling.draw(sampler, variables, key, num, batch, offset=offset)
+        if nfe != counted.nfe:
+            raise AssertionError(f"{label}: the sampler reported {nfe} NFE, its plan {counted.nfe}")
+        return images, {"nfe": nfe, "aux_nfe": counted.aux_nfe}
+
+    return generate
+
+
+def compare(score_cfg, score_dir: Path, projection_dirs: dict, *, totals, num_samples: int, metrics,
+            out_dir: Path, seeds=(0,), batch: int = 250, log=print) -> list[dict]:
+    """Score every variant of :func:`variants` at each total NFE; returns the CSV rows."""
+    score = projection.Score(builders.restore_ema(score_cfg, str(score_dir)), str(score_cfg.model.head),
+                             str(score_dir), None)
+    trained = {}
+    for steps, (cfg, workdir) in projection_dirs.items():
+        trained[steps] = builders.restore_ema(cfg, str(workdir))
+    references = evaluate.load_images(score_cfg, "test")
+    floor = evaluate.load_images(score_cfg, "train", num_samples, 0)
+    settings = [(label, total) for total in totals for label, _ in variants(total)]
+    rows = []
+    for seed in seeds:
+        report = scoring.evaluate(
+            make_generate(score_cfg, score, trained, min(batch, num_samples)), settings=settings,
+            reference_images=references, reference_name="digits/test", floor_images=floor, floor_name="digits/train",
+            workdir=out_dir / f"seed{seed}", num_samples=num_samples, metrics=list(metrics), seed=seed,
+            description={"score_workdir": str(score_dir), "score_checkpoint_step": int(score.restored.step),
+                         "projection_workdirs": {str(n): str(w) for n, (_, w) in projection_dirs.items()},
+                         "projection_steps": {str(n): int(r.step) for n, r in trained.items()}},
+            record={"score_step": int(score.restored.step),
+                    "projection_steps": {str(n): int(r.step) for n, r in trained.items()}},
+            knobs={(label, total): dict(variants(total))[label] for label, total in settings},
+            verbose=False)
+        for result in report["settings"]:
+            label, total = result["method"], result["nfe_requested"]
+            spec = dict(variants(total))[label]
+            rows.append({"seed": seed, "total_nfe_target": total, "variant": label, "steps": spec["num_steps"],
+                         "kappa": spec.get("kappa", ""), "nfe": result["nfe"], "aux_nfe": result["aux_nfe"],
+                         "total_nfe": result["nfe"] + result["aux_nfe"], **result["metrics"]})
+        rows.append({"seed": seed, "total_nfe_target": "", "variant": "floor (train vs test)", "steps": "",
+                     "kappa": "", "nfe": "", "aux_nfe": "", "total_nfe": "", **report["floor"]["metrics"]})
+        log(f"seed {seed}: {len(report['settings'])} settings scored")
+    return rows
+
+
+def markdown(rows: list[dict], metric_keys: list[str]) -> str:
+    """Per total NFE: variants x metrics (mean over seeds, and the spread when there are several)."""
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"Samples per setting scored against the digits test split; seeds {seeds}; lower is better for "
+             "pixel FD, SWD and classifier FD, higher for the classifier score.", ""]
+    header = "| total NFE | variant | steps N | kappa | nfe + aux | " + " | ".join(metric_keys) + " |"
+    lines += [header, "|" + "---|" * (5 + len(metric_keys))]
+    keys = list(dict.fromkeys((r["total_nfe_target"], r["variant"]) for r in rows))
+    for total, variant in sorted(keys, key=lambda k: (k[0] == "", k[0] or 0)):
+        group = [r for r in rows if (r["total_nfe_target"], r["variant"]) == (total, variant)]
+        first = group[0]
+        cells = []
+        for key in metric_keys:
+            values = [float(r[key]) for r in group]
+            mean = sum(values) / len(values)
+            spread = f" ± {(max(values) - min(values)) / 2:.3g}" if len(values) > 1 else ""
+            cells.append(f"{mean:.4g}{spread}")
+        calls = f"{first['nfe']} + {first['aux_nfe']}" if first["nfe"] != "" else ""
+        lines.append(f"| {total} | {variant} | {first['steps']} | {first['kappa']} | {calls} | " + " | ".join(cells)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--workdir", default="runs", help="training runs (digits, digits_proj<N>) and evaluations")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the CSV and markdown")
+    parser.add_argument("--totals", default=",".join(map(str, TOTALS)), help="comma list of even total NFEs")
+    parser.add_argument("--num-samples", type=int, default=1000, help="samples per setting")
+    parser.add_argument("--seeds", default="0", help="comma list of sampling seeds")
+    parser.add_argument("--projection-train-steps", type=int, default=800, help="T_theta's training steps")
+    parser.add_argument("--smoke", action="store_true", help="tiny networks, few steps and samples (pipeline check)")
+    args = parser.parse_args(argv)
+    compile_cache.enable(None)
+    workdir = Path(args.workdir).absolute()
+    totals = [int(t) for t in args.totals.split(",")]
+    num_samples = 32 if args.smoke else args.num_samples
+    metrics = ("pixel_fd", "swd") if args.smoke else METRICS
+    out = workdir / "results" if args.smoke else Path(args.out)
+    score_dir = workdir / "digits"
+    score_cfg = score_config(score_dir, args.smoke)
+    ensure_trained(score_cfg, score_dir)
+    projection_dirs = {}
+    for total in totals:
+        steps = total // 2
+        proj_dir = workdir / f"digits_proj{steps}"
+        cfg = projection_config(proj_dir, score_dir, steps, args.smoke, args.projection_train_steps)
+        ensure_trained(cfg, proj_dir)
+        projection_dirs[steps] = (cfg, proj_dir)
+    rows = compare(score_cfg, score_dir, projection_dirs, totals=totals, num_samples=num_samples, metrics=metrics,
+                   out_dir=workdir / "projection_claim" / f"n{num_samples}",
+                   seeds=[int(s) for s in args.seeds.split(",")])
+    keys = scoring.metric_keys(list(metrics))
+    out.mkdir(parents=True, exist_ok=True)
+    fields = ["seed", "total_nfe_target", "variant", "steps", "kappa", "nfe", "aux_nfe", "total_nfe"] + keys
+    with open(out / "projection_claim.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v)
+                          for k, v in r.items()} for r in rows)
+    table = markdown(rows, keys)
+    (out / "projection_claim.md").write_text(table)
+    print(table)
+    print(f"wrote {out / 'projection_claim.csv'} and {out / 'projection_claim.md'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
