@@ -1,6 +1,13 @@
-"""Does a trained predict-project projection improve digits samples at equal total NFE?
+"""Does a trained predict-project projection improve samples at equal total NFE?
 
     python benchmarks/projection_claim.py --workdir runs --out benchmarks/results
+    python benchmarks/projection_claim.py --dataset mixture2d --workdir runs --out benchmarks/results
+
+``--dataset mixture2d`` runs the same comparison on the 2-D 7x7 Gaussian-mixture toy: the score
+model is ``configs/toy_smd.py:plain`` in WORKDIR/toy_plain, T_theta ``configs/toy_projection.py``
+in WORKDIR/toy_proj<N>, and each variant's samples get the on-mode fraction and NLL under the true
+mixture (:func:`spd_jax.metrics.mixture.mixture_scores`) instead of the image metrics; outputs
+``projection_claim_mixture2d.{csv,md}``. The digits steps:
 
 1. The score model: ``WORKDIR/digits`` (``configs/digits_spd.py``), trained unless it already holds
    its final checkpoint (``python launch.py --config=configs/digits_spd.py --workdir=runs/digits``).
@@ -36,7 +43,9 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 
+from spd_jax import data  # noqa: E402
 from spd_jax.diffusion import samplers  # noqa: E402
+from spd_jax.metrics.mixture import mixture_scores  # noqa: E402
 from spd_jax.models.heads import model_projection  # noqa: E402
 from spd_jax.run import builders, checks, evaluate, projection, sampling, scoring  # noqa: E402
 from spd_jax.tasks import Task  # noqa: E402
@@ -49,29 +58,42 @@ METRICS = ("pixel_fd", "swd", "classifier")
 REFERENCES = ("em", "ddim", "gradient_estimation")
 
 
-def _config(name: str):
-    return importlib.import_module(f"configs.{name}").get_config()
+#: dataset -> (score config, its argument, projection config, score workdir name, projection workdir prefix)
+DATASETS = {"digits": ("digits_spd", None, "digits_projection", "digits", "digits_proj"),
+            "mixture2d": ("toy_smd", "plain", "toy_projection", "toy_plain", "toy_proj")}
+TOY_SAMPLES = 2000
+
+
+def _config(name: str, arg: str | None = None):
+    module = importlib.import_module(f"configs.{name}")
+    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def _shrink(config, steps: int) -> None:
     """Tiny network and run (--smoke)."""
     m = config.model
-    m.base_channels, m.channel_mult, m.num_res_blocks, m.norm_groups = 8, (1,), 1, 8
-    config.process.spectrum_images = 64
+    if m.kind == "mlp":
+        m.mlp_width, m.mlp_blocks = 32, 1
+    else:
+        m.base_channels, m.channel_mult, m.num_res_blocks, m.norm_groups = 8, (1,), 1, 8
+        config.process.spectrum_images = 64
+        config.sample.grid_images = 4
     config.optim.warmup_steps = 0
     config.train.update(batch_size=16, num_steps=steps, log_every=steps, checkpoint_every=steps, fast_compile=True)
-    config.sample.update(grid_images=4, batch_size=16)
+    config.sample.batch_size = 16
 
 
-def score_config(workdir: Path, smoke: bool):
-    config = _config("digits_spd")
+def score_config(workdir: Path, smoke: bool, dataset: str = "digits"):
+    name, arg, *_ = DATASETS[dataset]
+    config = _config(name, arg)
     if smoke:
         _shrink(config, 20)
     return config
 
 
-def projection_config(workdir: Path, score_dir: Path, steps: int, smoke: bool, train_steps: int):
-    config = _config("digits_projection")
+def projection_config(workdir: Path, score_dir: Path, steps: int, smoke: bool, train_steps: int,
+                      dataset: str = "digits"):
+    config = _config(DATASETS[dataset][2])
     if smoke:
         _shrink(config, 20)
     else:
@@ -80,7 +102,8 @@ def projection_config(workdir: Path, score_dir: Path, steps: int, smoke: bool, t
     config.projection.score_workdir = str(score_dir)
     config.projection.num_steps = steps
     config.sample.nfe = 2 * steps
-    config.eval.settings = f"predict_project:{2 * steps}"
+    if dataset == "digits":
+        config.eval.settings = f"predict_project:{2 * steps}"
     return config
 
 
@@ -194,11 +217,39 @@ def compare(score_cfg, score_dir: Path, projection_dirs: dict, *, totals, num_sa
     return rows
 
 
-def markdown(rows: list[dict], metric_keys: list[str]) -> str:
+def compare_points(score_cfg, score_dir: Path, projection_dirs: dict, *, totals, num_samples: int,
+                   seeds=(0,), log=print) -> list[dict]:
+    """The point-cloud comparison: every variant of :func:`variants` at each total NFE, scored by
+    the on-mode fraction and NLL under the true mixture; returns the CSV rows."""
+    score = projection.Score(builders.restore_ema(score_cfg, str(score_dir)), str(score_cfg.model.head),
+                             str(score_dir), None)
+    trained = {steps: builders.restore_ema(cfg, str(workdir)) for steps, (cfg, workdir) in projection_dirs.items()}
+    generate = make_generate(score_cfg, score, trained, num_samples)
+    rows = []
+    for seed in seeds:
+        for total in totals:
+            for label, spec in variants(total):
+                points, info = generate(label, total, jax.random.key(seed), num_samples, 0)
+                rows.append({"seed": seed, "total_nfe_target": total, "variant": label, "steps": spec["num_steps"],
+                             "kappa": spec.get("kappa", ""), "nfe": info["nfe"], "aux_nfe": info["aux_nfe"],
+                             "total_nfe": info["nfe"] + info["aux_nfe"], **mixture_scores(points)})
+        truth = data.load_mixture2d("test")[:num_samples]
+        rows.append({"seed": seed, "total_nfe_target": "", "variant": "true samples (test split)", "steps": "",
+                     "kappa": "", "nfe": "", "aux_nfe": "", "total_nfe": "", **mixture_scores(truth)})
+        log(f"seed {seed}: {len(rows)} rows")
+    return rows
+
+
+def markdown(rows: list[dict], metric_keys: list[str], dataset: str = "digits") -> str:
     """Per total NFE: variants x metrics (mean over seeds, and the spread when there are several)."""
     seeds = sorted({r["seed"] for r in rows})
-    lines = [f"Samples per setting scored against the digits test split; seeds {seeds}; lower is better for "
-             "pixel FD, SWD and classifier FD, higher for the classifier score.", ""]
+    if dataset == "digits":
+        intro = (f"Samples per setting scored against the digits test split; seeds {seeds}; lower is better for "
+                 "pixel FD, SWD and classifier FD, higher for the classifier score.")
+    else:
+        intro = (f"{TOY_SAMPLES} samples per setting; on-mode fraction (within 3 std of a component, higher is "
+                 f"better) and NLL under the true mixture (lower is better); seeds {seeds}.")
+    lines = [intro, ""]
     header = "| total NFE | variant | steps N | kappa | nfe + aux | " + " | ".join(metric_keys) + " |"
     lines += [header, "|" + "---|" * (5 + len(metric_keys))]
     keys = list(dict.fromkeys((r["total_nfe_target"], r["variant"]) for r in rows))
@@ -220,45 +271,57 @@ def markdown(rows: list[dict], metric_keys: list[str]) -> str:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--workdir", default="runs", help="training runs (digits, digits_proj<N>) and evaluations")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="digits")
+    parser.add_argument("--workdir", default="runs", help="training runs (score model, projection runs) and evaluations")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the CSV and markdown")
     parser.add_argument("--totals", default=",".join(map(str, TOTALS)), help="comma list of even total NFEs")
-    parser.add_argument("--num-samples", type=int, default=1000, help="samples per setting")
+    parser.add_argument("--num-samples", type=int, default=0, help=f"samples per setting (0: 1000 digits, "
+                        f"{TOY_SAMPLES} toy points)")
     parser.add_argument("--seeds", default="0", help="comma list of sampling seeds")
-    parser.add_argument("--projection-train-steps", type=int, default=800, help="T_theta's training steps")
+    parser.add_argument("--projection-train-steps", type=int, default=0,
+                        help="T_theta's training steps (0: the projection config's)")
     parser.add_argument("--smoke", action="store_true", help="tiny networks, few steps and samples (pipeline check)")
     args = parser.parse_args(argv)
     compile_cache.enable(None)
     workdir = Path(args.workdir).absolute()
     totals = [int(t) for t in args.totals.split(",")]
-    num_samples = 32 if args.smoke else args.num_samples
+    points = args.dataset in data.POINT_DATASETS
+    num_samples = 32 if args.smoke else args.num_samples or (TOY_SAMPLES if points else 1000)
     metrics = ("pixel_fd", "swd") if args.smoke else METRICS
     out = workdir / "results" if args.smoke else Path(args.out)
-    score_dir = workdir / "digits"
-    score_cfg = score_config(score_dir, args.smoke)
+    _, _, proj_name, score_name, proj_prefix = DATASETS[args.dataset]
+    score_dir = workdir / score_name
+    score_cfg = score_config(score_dir, args.smoke, args.dataset)
     ensure_trained(score_cfg, score_dir)
+    train_steps = args.projection_train_steps or int(_config(proj_name).train.num_steps)
     projection_dirs = {}
     for total in totals:
         steps = total // 2
-        proj_dir = workdir / f"digits_proj{steps}"
-        cfg = projection_config(proj_dir, score_dir, steps, args.smoke, args.projection_train_steps)
+        proj_dir = workdir / f"{proj_prefix}{steps}"
+        cfg = projection_config(proj_dir, score_dir, steps, args.smoke, train_steps, args.dataset)
         ensure_trained(cfg, proj_dir)
         projection_dirs[steps] = (cfg, proj_dir)
-    rows = compare(score_cfg, score_dir, projection_dirs, totals=totals, num_samples=num_samples, metrics=metrics,
-                   out_dir=workdir / "projection_claim" / f"n{num_samples}",
-                   seeds=[int(s) for s in args.seeds.split(",")])
-    keys = scoring.metric_keys(list(metrics))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if points:
+        rows = compare_points(score_cfg, score_dir, projection_dirs, totals=totals, num_samples=num_samples,
+                              seeds=seeds)
+        keys = ["on_mode", "nll"]
+    else:
+        rows = compare(score_cfg, score_dir, projection_dirs, totals=totals, num_samples=num_samples,
+                       metrics=metrics, out_dir=workdir / "projection_claim" / f"n{num_samples}", seeds=seeds)
+        keys = scoring.metric_keys(list(metrics))
+    stem = "projection_claim" + ("_" + args.dataset if points else "")
     out.mkdir(parents=True, exist_ok=True)
     fields = ["seed", "total_nfe_target", "variant", "steps", "kappa", "nfe", "aux_nfe", "total_nfe"] + keys
-    with open(out / "projection_claim.csv", "w", newline="") as f:
+    with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v)
                           for k, v in r.items()} for r in rows)
-    table = markdown(rows, keys)
-    (out / "projection_claim.md").write_text(table)
+    table = markdown(rows, keys, args.dataset)
+    (out / f"{stem}.md").write_text(table)
     print(table)
-    print(f"wrote {out / 'projection_claim.csv'} and {out / 'projection_claim.md'}")
+    print(f"wrote {out / (stem + '.csv')} and {out / (stem + '.md')}")
     return rows
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from spd_jax import tasks
 from spd_jax.diffusion import bases, processes, samplers, spectrum
 from spd_jax.diffusion import parameterization as param
-from spd_jax.models.heads import DDM_HEADS, HEADS, model_denoiser
+from spd_jax.models.heads import DDM_HEADS, HEAD_DECODERS, HEADS, model_denoiser
 from spd_jax.models.unet import UNet
 from spd_jax.run import builders, checks, evaluate, sampling
 from spd_jax.run import train as experiment
@@ -145,11 +145,13 @@ def test_degradation_is_per_example():
     np.testing.assert_array_equal(d.cond[..., 3:], d.mask)
 
 
-@pytest.mark.parametrize("decoders", [1, 2])
-def test_every_head_works_with_a_conditioning_image(decoders):
-    heads = ("ddm_dual",) if decoders == 2 else tuple(h for h in HEADS if h != "ddm_dual")
+@pytest.mark.parametrize("two_decoder_head", [None, "ddm_dual", "ddm_linear"])
+def test_every_head_works_with_a_conditioning_image(two_decoder_head):
+    heads = (two_decoder_head,) if two_decoder_head else tuple(h for h in HEADS if h not in HEAD_DECODERS)
+    mults = HEAD_DECODERS.get(two_decoder_head, (1,))
     model = UNet(base_channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(), num_heads=1,
-                 mid_attention=False, cond_channels=4, zero_output_init=False, num_decoders=decoders)
+                 mid_attention=False, cond_channels=4, zero_output_init=False, num_decoders=len(mults),
+                 first_output_mult=mults[0])
     x = jax.random.normal(jax.random.key(0), (2,) + SHAPE)
     t = jnp.array([0.3, 0.7])
     cond = tasks.degrade(INPAINT, jnp.tanh(x), jax.random.key(1)).cond
@@ -158,8 +160,8 @@ def test_every_head_works_with_a_conditioning_image(decoders):
 
     @functools.partial(jax.jit, **fast)
     def predict(c):
-        return {h: model_denoiser(model, variables, processes.make("ddm_constant" if h in DDM_HEADS else "vp_linear"),
-                                  h, cond=c)(x, t) for h in heads}
+        process = {"ddm_linear": "ddm_linear"}.get(heads[0], "ddm_constant" if heads[0] in DDM_HEADS else "vp_linear")
+        return {h: model_denoiser(model, variables, processes.make(process), h, cond=c)(x, t) for h in heads}
 
     preds, others = predict(cond), predict(-cond)
     for head in heads:

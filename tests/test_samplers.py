@@ -372,3 +372,19 @@ def test_parameters_passed_as_variables_share_one_compilation():
     same, _ = samplers.sample(SPD_GAUSS, SPD, method="ddim", num_steps=3, key=jax.random.key(0), clip_x0=False,
                               shape=SHAPE)
     np.testing.assert_allclose(outs[0], np.asarray(same), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", samplers.METHODS)
+def test_padded_scans_give_the_unpadded_samples_and_one_program_serves_every_step_count(method):
+    """A scan padded to 6 steps (inactive steps first) reproduces the 2-, 3- and 5-step samplers,
+    and the three step counts share one compiled program."""
+    run = dict(method=method, key=jax.random.key(4), clip_x0=False, shape=SHAPE)
+    before = samplers._run_jit._cache_size()
+    padded = {n: np.asarray(samplers.sample(SPD_GAUSS, SPD, num_steps=n, pad_to=6, **run)[0]) for n in (2, 3, 5)}
+    assert samplers._run_jit._cache_size() == before + 1
+    for n, x in padded.items():
+        plain, info = samplers.sample(SPD_GAUSS, SPD, num_steps=n, **run)
+        np.testing.assert_allclose(x, np.asarray(plain), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(padded[2], padded[5], atol=1e-3)
+    with pytest.raises(ValueError, match="pad_to must be an integer >= the plan's 5 steps; got 4"):
+        samplers.sample(SPD_GAUSS, SPD, num_steps=5, pad_to=4, **run)

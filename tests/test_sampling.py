@@ -57,6 +57,27 @@ def test_two_parameter_sets_share_one_compilation_and_give_different_samples():
     assert not np.allclose(a, b)  # the parameters are an input, not constants baked into the program
 
 
+def test_every_nfe_of_a_sampler_in_a_pool_shares_one_program_and_keeps_its_own_samples():
+    namespace: dict = {}
+    exec(_SETUP.format(root=ROOT), namespace)
+    model, shape, builders, sampling = namespace["model"], namespace["shape"], namespace["builders"], namespace["sampling"]
+    config, process, tasks = namespace["config"], namespace["process"], namespace["tasks"]
+    variables = jax.tree.map(lambda w: w + 0.05, builders.init_variables(model, shape, jax.random.PRNGKey(0)))
+    pool = sampling.SamplerPool(model, process, config.model.head, tasks.Task(), shape, fast_compile=True, pad_to=5)
+    settings = {nfe: builders.sampler_settings(config, "gradient_estimation", nfe) for nfe in (2, 3, 5)}
+    runs = {nfe: pool(s) for nfe, s in settings.items()}
+    drawn = {nfe: sampling.draw(run, variables, jax.random.PRNGKey(3), 8, 8) for nfe, run in runs.items()}
+    assert runs[2].jitted is runs[3].jitted is runs[5].jitted and runs[5].jitted._cache_size() == 1
+    assert pool(builders.sampler_settings(config, "ddim", 3)).jitted is not runs[3].jitted
+    for nfe, (images, used) in drawn.items():
+        alone = sampling.make_sampler(model, process, config.model.head, tasks.Task(), settings[nfe], shape,
+                                      fast_compile=True)
+        np.testing.assert_allclose(images, sampling.draw(alone, variables, jax.random.PRNGKey(3), 8, 8)[0],
+                                   rtol=1e-5, atol=1e-5)
+        assert used == nfe
+    assert not np.allclose(drawn[2][0], drawn[5][0], atol=1e-3)
+
+
 def test_four_devices_draw_the_same_samples_as_one_device():
     code = _SETUP.format(root=ROOT) + textwrap.dedent("""
     assert jax.device_count() == 4

@@ -122,6 +122,10 @@ def test_a_tuned_grid_is_saved_in_the_workdir_and_read_back_by_name_from_the_con
     np.testing.assert_allclose(settings["grid"], record["grid"])
     assert settings["num_steps"] == 3 and np.shape(settings["gamma"]) == (3,)
     assert builders.sampler_settings(config, nfe=5, workdir=tmp_path)["grid"] is None  # other NFEs: default grid
+    warm = tune_run.run(config, str(tmp_path), nfe=5, iterations=5, start="gradient_estimation_nfe3")
+    assert warm["kl"] < record["kl"]  # the 3-NFE optimum resampled onto 5 steps is already better
+    with pytest.raises(ValueError, match="is a tuning of 'gradient_estimation'; expected one of 'ddim'"):
+        tune_run.run(config, str(tmp_path), method="ddim", nfe=5, start="gradient_estimation_nfe3")
     config.sample.grid = "tuned:missing"
     with pytest.raises(ConfigError, match="config.sample.grid = 'tuned:missing'"):
         builders.sampler_settings(config, workdir=tmp_path)

@@ -669,7 +669,7 @@ def _run(tables, process, key, x_init, index, variables, *, denoiser, projection
     u = bases.to_spectral(x_init, basis)
     update = UPDATES[method]
 
-    def body(state, c):
+    def step(state, c):
         ops = _JaxOps(
             c,
             denoiser=denoiser,
@@ -688,7 +688,12 @@ def _run(tables, process, key, x_init, index, variables, *, denoiser, projection
         if project is not None:  # e.g. known pixels re-imposed at the new level t_next (pixel space)
             x = project(bases.from_spectral(state[0], basis), c["t_next"], key, c["step"], index)
             state = (bases.to_spectral(x, basis), state[1])
-        return state, None
+        return state
+
+    def body(state, c):
+        if "active" in c:  # padded tables (device_tables(pad_to=...)): inactive rows leave the state as it is
+            return jax.lax.cond(c["active"], step, lambda s, _: s, state, c), None
+        return step(state, c), None
 
     (u, _), _ = jax.lax.scan(body, (u, jnp.zeros_like(u)), tables)
     return bases.from_spectral(u, basis)
@@ -697,12 +702,27 @@ def _run(tables, process, key, x_init, index, variables, *, denoiser, projection
 _run_jit = jax.jit(_run, static_argnames=_STATIC)
 
 
-def _device_tables(plan_: Plan) -> dict:
+def device_tables(plan_: Plan, pad_to: int | None = None) -> dict:
+    """The scan's inputs: ``plan_``'s tables cast once to float32 (bool tables stay bool), one row
+    per step, plus ``step`` (the step index, which keys the noise).
+
+    ``pad_to`` (>= the plan's S steps) prepends ``pad_to - S`` inactive rows (copies of the first)
+    and adds an ``active`` table: each inactive step leaves the state untouched (``lax.cond``, no
+    network call), so every step count up to ``pad_to`` has tables of one structure and one
+    compiled program serves them all; the real steps see the same inputs as unpadded."""
+    steps = plan_.num_steps
+    pad = 0 if pad_to is None else int(pad_to) - steps
+    if pad_to is not None and (isinstance(pad_to, bool) or int(pad_to) != pad_to or pad < 0):
+        raise ValueError(f"pad_to must be an integer >= the plan's {steps} steps; got {pad_to!r}")
     out = {}
     for name, table in plan_.tables.items():
         table = np.asarray(table)
+        if pad:
+            table = np.concatenate([np.repeat(table[:1], pad, axis=0), table])
         out[name] = jnp.asarray(table, jnp.bool_ if table.dtype == bool else jnp.float32)
-    out["step"] = jnp.arange(plan_.num_steps, dtype=jnp.int32)
+    out["step"] = jnp.asarray(np.concatenate([np.zeros(pad), np.arange(steps)]), jnp.int32)
+    if pad_to is not None:
+        out["active"] = jnp.asarray(np.arange(pad + steps) >= pad)
     return out
 
 
@@ -733,6 +753,8 @@ def sample(
     index=None,
     project=None,
     variables=None,
+    pad_to=None,
+    tables=None,
     **knobs,
 ) -> tuple[jax.Array, dict]:
     """Draw samples x (B, H, W, C), pixel space, with ``method`` over ``num_steps`` steps.
@@ -757,6 +779,12 @@ def sample(
       index: global example indices (B,) of this batch (default arange(B)).
       project: optional ``project(x, t_next, key, step, index) -> x`` applied in pixel space after
         every step (t_next the level reached; 0 after the last step), e.g. a known-pixel projection.
+      pad_to: run a scan of this many steps whose first ``pad_to - num_steps`` do nothing (see
+        :func:`device_tables`): samplers of one method and knobs at any step count up to ``pad_to``
+        then share one compiled program. The samples are those of the unpadded run.
+      tables: the run's :func:`device_tables`, computed by the caller (e.g. passed into an outer
+        ``jax.jit`` as an argument, so that one compilation serves every grid and step count);
+        they must come from the same method, knobs and process.
 
     Returns:
       (x, info) with info = {"nfe", "aux_nfe", "grid" (float64 t levels), "method"}.
@@ -780,8 +808,12 @@ def sample(
         raise ValueError("denoiser, projection and project must be hashable callables (functions or partials)") from err
     if project is not None and not callable(project):
         raise ValueError("project must be a function project(x, t_next, key, step, index) -> x")
+    if tables is None:
+        tables = device_tables(plan_, pad_to)
+    elif pad_to is not None:
+        raise ValueError("give pad_to or precomputed tables, not both")
     x = _run_jit(
-        _device_tables(plan_),
+        tables,
         process,
         key,
         x_T,

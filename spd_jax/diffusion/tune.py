@@ -208,8 +208,8 @@ def tune(
     Adam for ``iterations`` steps, keeping the best iterate. Returns a :class:`Tuned` whose KLs
     are re-evaluated with the NumPy law of :func:`spd_jax.diffusion.analytic.sampler_law`.
 
-    ``start``: warm start from another tuning of the same method (any NFE, e.g. the next lower
-    one): its levels, read as a piecewise-linear curve of log sigma_ref over the step index, and
+    ``start``: warm start from another tuning of the same method (a :class:`Tuned`, or a saved one
+    read by :func:`spd_jax.diffusion.grids.load_tuned`; any NFE, e.g. the next lower one): its levels, read as a piecewise-linear curve of log sigma_ref over the step index, and
     its per-step weights are resampled onto this NFE's steps. ``kl_default`` still refers to the
     default grid; the result is never worse than the default or the resampled start.
     """

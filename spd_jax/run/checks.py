@@ -231,7 +231,7 @@ def _check_points(config) -> None:
 
 def _check_projection(config) -> None:
     """A projection run (``config.projection.score_workdir`` set; spd_jax.run.projection) trains a
-    single-output U-Net T_theta for unconditional predict-project sampling with N uniform steps."""
+    single-output U-Net (or, for point clouds, MLP) T_theta for unconditional predict-project sampling with N uniform steps."""
     block = config.get("projection", None)
     if block is None:
         return
@@ -241,9 +241,9 @@ def _check_projection(config) -> None:
     task = config.get("task", None)
     if task is not None and task.name:
         _fail("task.name", task.name, "'' for a projection run (unconditional predict-project sampling)")
-    if config.model.kind != "unet" or config.model.head in HEAD_DECODERS:
-        _fail("model.kind", (config.model.kind, config.model.head), "a single-output 'unet' (head eps, x0, v, "
-              "flow or score) for the projection network T_theta")
+    if config.model.kind not in ("unet", "mlp") or config.model.head in HEAD_DECODERS:
+        _fail("model.kind", (config.model.kind, config.model.head), "a single-output 'unet' or 'mlp' (head eps, "
+              "x0, v, flow or score) for the projection network T_theta")
     if config.sample.method != "predict_project":
         return  # other samplers draw from the score model alone
     if config.sample.grid not in ("", "uniform_t"):

@@ -248,16 +248,19 @@ def load_images(config, split: str, count: int | None = None, seed: int = 0) -> 
 
 def make_generate(config, restored: builders.Restored, batch: int,
                   degraded: tasks.Degraded | None = None, workdir=None,
-                  parts: projection.SamplingParts | None = None) -> scoring.Generate:
-    """A :data:`spd_jax.run.scoring.Generate` over the restored EMA params: one compiled sampler
-    per (method, NFE) (:func:`spd_jax.run.sampling.make_sampler`), batches of ``batch`` (the last
-    one padded), per-example seeds; for a task, example i is conditioned on row i of ``degraded``
-    (NumPy arrays). ``parts`` (:func:`spd_jax.run.projection.sampling_parts`; default: ``restored``
-    as it is) carries a projection run's score model and trained T_theta, whose N calls are the
-    ``aux_nfe`` of ``predict_project``."""
+                  parts: projection.SamplingParts | None = None, pad_to: int | None = None) -> scoring.Generate:
+    """A :data:`spd_jax.run.scoring.Generate` over the restored EMA params: one sampler per
+    (method, NFE) from one :class:`spd_jax.run.sampling.SamplerPool` (with ``pad_to``, the largest
+    step count of the evaluation, every NFE of a sampler shares one compiled program), batches of
+    ``batch`` (the last one padded), per-example seeds; for a task, example i is conditioned on row
+    i of ``degraded`` (NumPy arrays). ``parts`` (:func:`spd_jax.run.projection.sampling_parts`;
+    default: ``restored`` as it is) carries a projection run's score model and trained T_theta,
+    whose N calls are the ``aux_nfe`` of ``predict_project``."""
     task = builders.task_of(config)
     parts = parts or projection.SamplingParts(restored, str(config.model.head), None, None)
     restored = parts.restored
+    pool = sampling.SamplerPool(restored.model, restored.process, parts.head, task, restored.shape,
+                                config.train.fast_compile, projection_model=parts.projection_model, pad_to=pad_to)
     cache = {}
 
     def aux_nfe(method: str, used: int) -> int:  # one latent / projection call per score call
@@ -265,10 +268,7 @@ def make_generate(config, restored: builders.Restored, batch: int,
 
     def generate(method: str, nfe: int, key, num: int, index_offset: int):
         if (method, nfe) not in cache:
-            cache[method, nfe] = sampling.make_sampler(
-                restored.model, restored.process, parts.head, task,
-                builders.sampler_settings(config, method, nfe, workdir), restored.shape, config.train.fast_compile,
-                projection_model=parts.projection_model)
+            cache[method, nfe] = pool(builders.sampler_settings(config, method, nfe, workdir))
         rows = None
         if degraded is not None:
             rows = tasks.Degraded(*(a[index_offset : index_offset + num] for a in degraded))
@@ -348,11 +348,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, verbose: bool = True
     }
     if parts.score is not None:  # the samples depend on the frozen score model too
         record["score_model"] = {"workdir": parts.score.workdir, "checkpoint_step": int(parts.score.restored.step)}
-    knobs = {(m, n): {k: v for k, v in builders.sampler_settings(config, m, n, workdir).items() if k != "num_steps"}
-             for m, n in plan.settings}
+    settings = {(m, n): builders.sampler_settings(config, m, n, workdir) for m, n in plan.settings}
+    knobs = {key: {k: v for k, v in value.items() if k != "num_steps"} for key, value in settings.items()}
     notes = {(m, n): setting_note(m, n) for m, n in plan.settings}
+    pad_to = max(value["num_steps"] for value in settings.values())  # every NFE of a sampler: one program
     return scoring.evaluate(
-        make_generate(config, restored, batch, degraded, workdir, parts=parts),
+        make_generate(config, restored, batch, degraded, workdir, parts=parts, pad_to=pad_to),
         settings=plan.settings,
         reference_images=references,
         reference_name=reference_name,

@@ -1,7 +1,8 @@
 """One sampling path for every model: unconditional generation is the task with no conditioning.
 
-:func:`make_sampler` compiles ``run(variables, key, index, degraded=None)`` once per (model,
-process, sampler settings); :func:`draw` runs it over any number of examples in fixed-size chunks
+:func:`make_sampler` compiles ``run(variables, key, index, degraded=None)`` for a (model,
+process, sampler settings), and a :class:`SamplerPool` lets several settings share one compiled
+program (evaluation: every NFE of a sampler); :func:`draw` runs it over any number of examples in fixed-size chunks
 (example i always gets the keys of index i, so chunking and batch size never change a sample).
 For a task (super-resolution, inpainting) each chunk carries its :class:`~spd_jax.tasks.Degraded`
 rows, the network sees the conditioning image and, for inpainting with ``enforce_known``, the
@@ -47,6 +48,104 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
+class SamplerPool:
+    """Compiled samplers of one model (:func:`make_sampler`) that share programs.
+
+    The coefficient tables (grid, per-step weights) enter the compiled program as arguments, so
+    settings that differ only in their grid share one program; with ``pad_to`` (>= every
+    setting's step count) settings that differ only in their step count share it too: each runs a
+    scan of ``pad_to`` steps whose first ones do nothing (no network call;
+    :func:`spd_jax.diffusion.samplers.device_tables`) and gives the samples of its unpadded run.
+    Settings with another method, clipping or knob values get their own program.
+    """
+
+    def __init__(self, model, process, head: str, task: tasks.Task, shape: tuple, fast_compile: bool = False,
+                 mesh: jax.sharding.Mesh | None = None, projection_model=None, pad_to: int | None = None):
+        self.model, self.process, self.head, self.task, self.shape = model, process, head, task, tuple(shape)
+        self.fast_compile, self.projection_model, self.pad_to = fast_compile, projection_model, pad_to
+        self.mesh = mesh or training.make_mesh()
+        self._programs: dict = {}
+
+    def _plan(self, settings: dict) -> samplers.Plan:
+        knobs = {k: v for k, v in settings.items() if k not in ("method", "num_steps", "grid", "clip_x0")}
+        if self.projection_model is not None and settings["method"] == "predict_project":
+            knobs["projection"] = _counted_projection  # counts the trained network's calls
+        return samplers.plan(self.process, method=settings["method"], num_steps=settings["num_steps"],
+                             grid=settings.get("grid"), **knobs)
+
+    @staticmethod
+    def _signature(settings: dict, plan_: samplers.Plan) -> tuple:
+        """What the compiled program depends on besides its tables' values."""
+        items = []
+        for name, value in sorted(settings.items()):
+            if name in ("num_steps", "grid"):
+                continue
+            if np.ndim(value):
+                value = ("per-step", tuple(np.ravel(np.asarray(value, np.float64)).tolist()))
+            items.append((name, value))
+        return tuple(items) + (("noisy", plan_.noisy),)
+
+    def _compile(self, settings: dict):
+        rows = training.batch_sharding(self.mesh, 0)
+        model, process, head, task, shape = self.model, self.process, self.head, self.task, self.shape
+        projection_model = self.projection_model
+
+        def run_batch(variables, key_data, index, degraded, tables, impl):
+            key = key_data if impl is None else jax.random.wrap_key_data(key_data, impl=impl)
+            batch_shape = (index.shape[0],) + shape
+            knobs = dict(settings, tables=tables)
+            if projection_model is not None:
+                if settings["method"] == "predict_project":
+                    knobs["projection"] = model_projection(projection_model, variables["projection"])
+                variables = variables["score"]
+            if degraded is None:
+                denoiser = model_denoiser(model, variables, process, head)
+                x, _ = samplers.sample(denoiser, process, key=key, shape=batch_shape, index=index, **knobs)
+            else:
+                denoiser = model_denoiser(model, variables, process, head, cond=degraded.cond)
+                x, _ = tasks.sample_with_known_pixels(
+                    denoiser, process, known=degraded.known, mask=degraded.mask, enforce_known=task.projects,
+                    key=key, shape=batch_shape, index=index, **knobs)
+            return jax.lax.with_sharding_constraint(x, rows)
+
+        return jax.jit(run_batch, out_shardings=rows, static_argnames="impl",
+                       compiler_options=training.compiler_options(self.mesh, self.fast_compile))
+
+    def __call__(self, settings: dict) -> Sampler:
+        """The sampler of ``settings`` (:func:`spd_jax.run.builders.sampler_settings`)."""
+        plan_ = self._plan(settings)
+        if self.pad_to is not None and plan_.num_steps > self.pad_to:
+            raise ValueError(f"{settings['method']} with {plan_.num_steps} steps does not fit the pool's "
+                             f"pad_to = {self.pad_to}")
+        signature = self._signature(settings, plan_)
+        if signature not in self._programs:
+            self._programs[signature] = self._compile(settings)
+        jitted = self._programs[signature]
+        mesh, rep, rows = self.mesh, training.replicated(self.mesh), training.batch_sharding(self.mesh, 0)
+        tables = jax.device_put(samplers.device_tables(plan_, self.pad_to), rep)
+
+        def run(variables, key, index, degraded=None):
+            if len(index) % mesh.size:
+                raise ValueError(f"a sampling batch of {len(index)} examples does not split over {mesh.size} devices")
+            index = _global(np.asarray(index, np.uint32), rows)
+            if degraded is not None:
+                degraded = jax.tree.map(lambda a: _global(a, rows), degraded)
+            typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)  # jax.random.key or PRNGKey
+            impl = str(jax.random.key_impl(key)) if typed else None
+            key_data = jax.random.key_data(key) if typed else key
+            x = jitted(variables, _global(key_data, rep), index, degraded, tables, impl=impl)
+            return _to_host(x), plan_.nfe
+
+        run.jitted = jitted  # the compiled function (shared by the pool's settings of one signature)
+        run.devices = mesh.size
+        run.nfe, run.aux_nfe = plan_.nfe, plan_.aux_nfe
+        return run
+
+
+def _counted_projection(x, t):  # a stand-in for a trained projection when only the plan (the counts) is needed
+    raise NotImplementedError
+
+
 def make_sampler(model, process, head: str, task: tasks.Task, settings: dict, shape: tuple,
                  fast_compile: bool = False, mesh: jax.sharding.Mesh | None = None,
                  projection_model=None) -> Sampler:
@@ -60,47 +159,10 @@ def make_sampler(model, process, head: str, task: tasks.Task, settings: dict, sh
     batch's conditioning (None for unconditional generation). The batch is split over the devices
     of ``mesh`` (default: every device of every process), each device drawing its rows; B must be
     a multiple of the mesh size. ``variables`` is traced: one compilation serves every parameter
-    set of the same structure. Every process gets the whole batch back.
+    set of the same structure. Every process gets the whole batch back. Several settings of one
+    model share compiled programs through a :class:`SamplerPool`.
     """
-    mesh = mesh or training.make_mesh()
-    rep, rows = training.replicated(mesh), training.batch_sharding(mesh, 0)
-
-    def run_batch(variables, key_data, index, degraded, impl):
-        key = key_data if impl is None else jax.random.wrap_key_data(key_data, impl=impl)
-        batch_shape = (index.shape[0],) + tuple(shape)
-        knobs = dict(settings)
-        if projection_model is not None:
-            if settings["method"] == "predict_project":
-                knobs["projection"] = model_projection(projection_model, variables["projection"])
-            variables = variables["score"]
-        if degraded is None:
-            denoiser = model_denoiser(model, variables, process, head)
-            x, info = samplers.sample(denoiser, process, key=key, shape=batch_shape, index=index, **knobs)
-        else:
-            denoiser = model_denoiser(model, variables, process, head, cond=degraded.cond)
-            x, info = tasks.sample_with_known_pixels(
-                denoiser, process, known=degraded.known, mask=degraded.mask, enforce_known=task.projects,
-                key=key, shape=batch_shape, index=index, **settings)
-        return jax.lax.with_sharding_constraint(x, rows), info["nfe"]
-
-    jitted = jax.jit(run_batch, out_shardings=(rows, rep), static_argnames="impl",
-                     compiler_options=training.compiler_options(mesh, fast_compile))
-
-    def run(variables, key, index, degraded=None):
-        if len(index) % mesh.size:
-            raise ValueError(f"a sampling batch of {len(index)} examples does not split over {mesh.size} devices")
-        index = _global(np.asarray(index, np.uint32), rows)
-        if degraded is not None:
-            degraded = jax.tree.map(lambda a: _global(a, rows), degraded)
-        typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)  # jax.random.key or PRNGKey
-        impl = str(jax.random.key_impl(key)) if typed else None
-        key_data = jax.random.key_data(key) if typed else key
-        x, nfe = jitted(variables, _global(key_data, rep), index, degraded, impl=impl)
-        return _to_host(x), int(nfe)
-
-    run.jitted = jitted  # the compiled function (e.g. to inspect its cache)
-    run.devices = mesh.size
-    return run
+    return SamplerPool(model, process, head, task, shape, fast_compile, mesh, projection_model)(settings)
 
 
 def draw(sampler: Sampler, variables, key, count: int, batch: int, *, degraded: tasks.Degraded | None = None,
