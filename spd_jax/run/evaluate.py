@@ -263,9 +263,6 @@ def make_generate(config, restored: builders.Restored, batch: int,
                                 config.train.fast_compile, projection_model=parts.projection_model, pad_to=pad_to)
     cache = {}
 
-    def aux_nfe(method: str, used: int) -> int:  # one latent / projection call per score call
-        return used if method == "smd" or (method == "predict_project" and parts.projection_model is not None) else 0
-
     def generate(method: str, nfe: int, key, num: int, index_offset: int):
         if (method, nfe) not in cache:
             cache[method, nfe] = pool(builders.sampler_settings(config, method, nfe, workdir))
@@ -274,7 +271,7 @@ def make_generate(config, restored: builders.Restored, batch: int,
             rows = tasks.Degraded(*(a[index_offset : index_offset + num] for a in degraded))
         images, used = sampling.draw(cache[method, nfe], restored.variables, key, num, batch, degraded=rows,
                                      offset=index_offset)
-        return images, {"nfe": used, "aux_nfe": aux_nfe(method, used)}
+        return images, {"nfe": used, "aux_nfe": cache[method, nfe].aux_nfe}  # latent / projection calls
 
     return generate
 
