@@ -122,7 +122,7 @@ class SamplerPool:
             self._programs[signature] = self._compile(settings)
         jitted = self._programs[signature]
         mesh, rep, rows = self.mesh, training.replicated(self.mesh), training.batch_sharding(self.mesh, 0)
-        tables = jax.device_put(samplers.device_tables(plan_, self.pad_to), rep)
+        tables = jax.tree.map(lambda a: _global(a, rep), samplers.device_tables(plan_, self.pad_to))
 
         def run(variables, key, index, degraded=None):
             if len(index) % mesh.size:
