@@ -30,7 +30,9 @@ import jax
 import matplotlib
 import numpy as np
 
+from spd_jax.data import MIXTURE_STD, mixture_means
 from spd_jax.diffusion import analytic, processes, samplers, spectrum, tune
+from spd_jax.metrics.mixture import mixture_scores
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -41,7 +43,6 @@ TUNED_NFE = (5, 10, 20)
 NFE_TARGETS = (5, 10, 20, 50)
 KL_PROCESSES = ("vp_linear", "vp_cosine", "blurring", "spd", "ddm_constant", "rectified_flow")
 TOY_PROCESSES = ("vp_linear", "vp_cosine", "ddm_constant", "rectified_flow")
-TOY_STD = 0.04  # s0 of every mixture component
 TOY_SAMPLES = 2000
 
 
@@ -157,32 +158,12 @@ def plot_tuned(rows: list[dict], path: pathlib.Path) -> None:
 # ---- (b) the 2-D mixture toy -------------------------------------------------------------------
 
 
-def toy_means() -> np.ndarray:
-    """(49, 2) component means on linspace(-1, 1, 7)^2."""
-    grid = np.linspace(-1.0, 1.0, 7)
-    return np.stack(np.meshgrid(grid, grid, indexing="ij"), axis=-1).reshape(-1, 2)
-
-
-def toy_log_density(x: np.ndarray, means: np.ndarray) -> np.ndarray:
-    """log p(x) under the true mixture for x of shape (n, 2) (nats)."""
-    d2 = np.sum((x[:, None, :] - means[None]) ** 2, axis=-1)
-    logits = -d2 / (2 * TOY_STD**2) - np.log(2 * np.pi * TOY_STD**2) - np.log(len(means))
-    top = logits.max(axis=1)
-    return top + np.log(np.sum(np.exp(logits - top[:, None]), axis=1))
-
-
-def toy_metrics(x: np.ndarray, means: np.ndarray) -> tuple[float, float]:
-    """(on-mode fraction within 3 s0 of the nearest mean, mean NLL under the true mixture)."""
-    d = np.sqrt(np.min(np.sum((x[:, None, :] - means[None]) ** 2, axis=-1), axis=1))
-    return float(np.mean(d <= 3 * TOY_STD)), float(-np.mean(toy_log_density(x, means)))
-
-
 def exact_mixture_kernel(proc, grid: np.ndarray, means: np.ndarray, x_init: np.ndarray, seed: int) -> np.ndarray:
     """Ancestral chain drawing each step from the true mixture posterior q(u_s | u_t) (float64)."""
     rng = np.random.default_rng(seed)
     alpha, sigma = (a.ravel() for a in proc.marginal64(grid))
     u = x_init.copy()
-    var0 = TOY_STD**2
+    var0 = MIXTURE_STD**2
     for i in range(grid.size - 1):
         a_t, s_t, a_s, s_s = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
         v = a_t**2 * var0 + s_t**2
@@ -205,18 +186,16 @@ def exact_mixture_kernel(proc, grid: np.ndarray, means: np.ndarray, x_init: np.n
 
 
 def toy_benchmark(seed: int) -> tuple[list[dict], dict]:
-    means = toy_means()
+    means = mixture_means()
     weights = np.full(len(means), 1.0 / len(means))
     rows, scatter = [], {}
     key = jax.random.PRNGKey(seed)
     data = means[np.random.default_rng(seed).integers(0, len(means), TOY_SAMPLES)]
-    data = data + TOY_STD * np.random.default_rng(seed + 1).normal(size=data.shape)
-    on_mode, nll = toy_metrics(data, means)
-    rows.append({"process": "data", "method": "true samples", "target_nfe": 0, "nfe": 0, "on_mode": on_mode,
-                 "nll": nll})
+    data = data + MIXTURE_STD * np.random.default_rng(seed + 1).normal(size=data.shape)
+    rows.append({"process": "data", "method": "true samples", "target_nfe": 0, "nfe": 0, **mixture_scores(data)})
     for proc_name in TOY_PROCESSES:
         proc = processes.make(proc_name)
-        den = analytic.gmm_denoiser(proc, weights, means.reshape(-1, 1, 1, 2), np.full(len(means), TOY_STD**2))
+        den = analytic.gmm_denoiser(proc, weights, means.reshape(-1, 1, 1, 2), np.full(len(means), MIXTURE_STD**2))
         x_init = proc.prior_sample(key, (TOY_SAMPLES, 1, 1, 2))  # the draw sample() would make
         for target in NFE_TARGETS:
             for method in METHODS:
@@ -224,15 +203,13 @@ def toy_benchmark(seed: int) -> tuple[list[dict], dict]:
                 x, info = samplers.sample(den, proc, method=method, num_steps=steps, key=key, x_T=x_init,
                                           clip_x0=False)
                 x = np.asarray(x).reshape(-1, 2)
-                on_mode, nll = toy_metrics(x, means)
                 rows.append({"process": proc_name, "method": method, "target_nfe": target, "nfe": info["nfe"],
-                             "on_mode": on_mode, "nll": nll})
+                             **mixture_scores(x)})
                 scatter[(proc_name, method, target)] = x
             grid = samplers.plan(proc, method="ancestral", num_steps=target).grid
             x = exact_mixture_kernel(proc, grid, means, np.asarray(x_init).reshape(-1, 2), seed + target)
-            on_mode, nll = toy_metrics(x, means)
             rows.append({"process": proc_name, "method": "exact_mixture_kernel", "target_nfe": target,
-                         "nfe": target, "on_mode": on_mode, "nll": nll})
+                         "nfe": target, **mixture_scores(x)})
             scatter[(proc_name, "exact_mixture_kernel", target)] = x
     return rows, scatter
 
@@ -371,7 +348,7 @@ def main() -> None:
     toy_rows, scatter = toy_benchmark(args.seed)
     write_csv(out / "mixture_toy.csv", toy_rows)
     plot_toy(toy_rows, scatter, out / "mixture_toy.png", out / "mixture_toy_samples.png")
-    print(f"## (b) 2-D 7x7 mixture toy (s0 = {TOY_STD}, {TOY_SAMPLES} samples, prior start)\n")
+    print(f"## (b) 2-D 7x7 mixture toy (s0 = {MIXTURE_STD}, {TOY_SAMPLES} samples, prior start)\n")
     print("Cells: on-mode fraction / NLL (nats) under the true mixture.\n")
     print(toy_table(toy_rows))
     print(f"\n[(b) took {time.time() - start:.0f} s]")
