@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from spd_jax.diffusion import bases
 from spd_jax.diffusion import parameterization as param
 from spd_jax.diffusion.rng import example_keys, per_example_normal
-from spd_jax.models.heads import DDM_HEADS, ddm_outputs, linear_outputs
+from spd_jax.models.heads import DDM_HEADS, prediction_from_head
 from spd_jax.tasks import Task, degrade
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -218,18 +218,14 @@ def make_ddm_loss(
             x_t, eps, slope = process.forward_sample(x0, t, _stream(key, _NOISE), index=batch.get("index"))
         else:
             x_t, eps = process.forward_sample(x0, t, _stream(key, _NOISE), index=batch.get("index"))
-        output = _apply(model, variables, x_t, t, key, batch, train)
+        pred = prediction_from_head(process, x_t, t, _apply(model, variables, x_t, t, key, batch, train), head)
         if linear:
-            slope_hat, c_hat, eps_hat = linear_outputs(x_t, output)
-            x0_hat = param.ddm_linear_x0(x_t, slope_hat, c_hat, eps_hat, t.reshape((-1, 1, 1, 1)))
             slope_target, c_target = process.targets(x0, slope)
-            loss_c = 0.5 * _per_example_mean((slope_hat - slope_target) ** 2 + (c_hat - c_target) ** 2)
+            loss_c = 0.5 * _per_example_mean((pred.a - slope_target) ** 2 + (pred.c - c_target) ** 2)
         else:
-            c_hat, eps_hat = ddm_outputs(process, x_t, t, output, head)
-            x0_hat = param.ddm_prediction(process, x_t, t, c_hat, eps_hat).x0
-            loss_c = _per_example_mean((c_hat + x0) ** 2)
-        loss_eps = _per_example_mean((eps_hat - eps) ** 2)
-        loss_rec = _per_example_mean(jnp.abs(x0_hat - x0))
+            loss_c = _per_example_mean((pred.c + x0) ** 2)
+        loss_eps = _per_example_mean((pred.eps - eps) ** 2)
+        loss_rec = _per_example_mean(jnp.abs(pred.x0 - x0))
         w_c, w_eps, w_rec = ddm_loss_weights(weighting, t, t_min)
         loss = jnp.mean(w_c * loss_c + w_eps * loss_eps + rec_weight * w_rec * loss_rec)
         metrics = {
