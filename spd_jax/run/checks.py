@@ -184,7 +184,7 @@ def _check_families(config) -> None:
     if head in DDM_HEADS and not scalar:
         _fail("model.head", head, f"a non-DDM head for the spectral process {config.process.name!r}")
     if head in DDM_HEADS and kind != "unet":
-        _fail("model.head", head, "a non-DDM head for an SMD model")
+        _fail("model.head", head, f"a non-DDM head for model.kind {kind!r} (DDM heads need the U-Net's decoders)")
     linear = config.process.name == "ddm_linear"
     if linear != (head == "ddm_linear"):
         _fail("model.head", head, "'ddm_linear' exactly when config.process.name is 'ddm_linear' (its (a, C) "
@@ -204,9 +204,7 @@ def _check_points(config) -> None:
     take no conditioning image."""
     name = config.data.name
     task = config.get("task", None)
-    if config.model.kind in MLP_KINDS:
-        if config.model.head in DDM_HEADS + ("ddm_linear",):
-            _fail("model.head", config.model.head, f"a non-DDM head for model.kind {config.model.kind!r}")
+    if config.model.kind in MLP_KINDS:  # (DDM heads on an MLP are refused by _check_families)
         _positive(config, "model.mlp_width", "model.mlp_blocks", "model.latent_base_channels")
         if config.model.mlp_width % 4:
             _fail("model.mlp_width", config.model.mlp_width, "a multiple of 4 (the time embedding's size)")
