@@ -129,6 +129,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.seed = 0  # sampling key jax.random.key(seed); also seeds SWD directions and subsets
     config.eval.grid_images = 64  # samples in each setting's grid.png
 
+    config.tune = ml_collections.ConfigDict()  # --mode=tune (see spd_jax.run.tune)
+    # robust | nominal: the exact law of the training data's spectrum (no checkpoint needed);
+    # teacher: the trained EMA model's own samples, matched to a many-step teacher from the same noise
+    config.tune.objective = "robust"
+    config.tune.iterations = 0  # Adam iterations (0 = the objective's default: 200 exact law, 300 teacher)
+    config.tune.learning_rate = 0.0  # Adam (0 = the objective's default: 0.05 exact law, 0.01 teacher)
+    config.tune.start = ""  # warm start: an earlier tuning of the same sampler (name under WORKDIR/tuned or path)
+    config.tune.teacher = ""  # teacher objective: "sampler:NFE" ("" = config.sample.method at 50 NFE)
+    config.tune.num_examples = 512  # teacher objective: starting states (a quarter held out to pick the best)
+    config.tune.batch_size = 64  # teacher objective: examples per Adam step
+    config.tune.time_shift = True  # teacher objective: also tune each step's network time shift (samplers.network_times)
+    config.tune.seed = 7  # teacher objective: key of the starting states (indices after the eval's)
+
     # predict-project projection network T_theta (docs/math.md §5.4, §6.6; spd_jax.run.projection):
     # with score_workdir set, config.model is T_theta's own U-Net, trained against the frozen EMA score
     # model of that run (same data and process), and --mode=sample/eval run predict_project with it

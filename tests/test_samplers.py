@@ -388,3 +388,27 @@ def test_padded_scans_give_the_unpadded_samples_and_one_program_serves_every_ste
     assert not np.allclose(padded[2], padded[5], atol=1e-3)
     with pytest.raises(ValueError, match="pad_to must be an integer >= the plan's 5 steps; got 4"):
         samplers.sample(SPD_GAUSS, SPD, num_steps=5, pad_to=4, **run)
+
+
+@pytest.mark.parametrize("method", ["gradient_estimation", "dpm_solver_pp", "ddim"])
+def test_a_time_shift_changes_only_the_time_the_network_sees(method):
+    shift = 0.3
+    plain = samplers.plan(SPD, method=method, num_steps=4)
+    shifted = samplers.plan(SPD, method=method, num_steps=4, time_shift=[shift, -shift, shift, 0.0])
+    np.testing.assert_allclose(shifted.tables["t_cur"],
+                               np.minimum(plain.grid[:-1] * np.exp([shift, -shift, shift, 0.0]), 1.0))
+    for name, table in plain.tables.items():
+        if name != "t_cur":
+            np.testing.assert_array_equal(shifted.tables[name], table, err_msg=name)
+    zero = samplers.plan(SPD, method=method, num_steps=4, time_shift=0.0)
+    np.testing.assert_array_equal(zero.tables["t_cur"], plain.grid[:-1])
+    # sampling with a shift = sampling with a denoiser told the shifted time
+    told = jax.jit(lambda x, t, key=None: SPD_GAUSS(x, jnp.minimum(t * np.exp(shift), 1.0)))
+    x_shift, _ = samplers.sample(SPD_GAUSS, SPD, method=method, num_steps=4, key=KEY, x_T=X_T, clip_x0=False,
+                                 time_shift=shift)
+    x_told, _ = samplers.sample(told, SPD, method=method, num_steps=4, key=KEY, x_T=X_T, clip_x0=False)
+    x_plain, _ = samplers.sample(SPD_GAUSS, SPD, method=method, num_steps=4, key=KEY, x_T=X_T, clip_x0=False)
+    np.testing.assert_allclose(x_shift, x_told, rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(np.asarray(x_shift) - np.asarray(x_plain))) > 1e-3
+    with pytest.raises(ValueError, match="time_shift"):
+        analytic.sampler_law(SPD, SPECTRUM_DFT, method=method, num_steps=4, time_shift=shift)

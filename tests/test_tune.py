@@ -129,3 +129,102 @@ def test_a_tuned_grid_is_saved_in_the_workdir_and_read_back_by_name_from_the_con
     config.sample.grid = "tuned:missing"
     with pytest.raises(ConfigError, match="config.sample.grid = 'tuned:missing'"):
         builders.sampler_settings(config, workdir=tmp_path)
+
+
+# ---- tuning against a many-step teacher on a given denoiser ------------------------------------
+
+
+@pytest.mark.parametrize("method,process", [("gradient_estimation", "spd"), ("dpm_solver_pp", "vp_cosine"),
+                                            ("ddim", "spd")])
+def test_differentiable_tables_equal_the_planned_ones(method, process):
+    proc = SPD if process == "spd" else processes.make(process)
+    run = samplers.plan(proc, method=method, num_steps=5)
+    planned = samplers.device_tables(run)
+    knobs, _ = samplers.resolve_knobs(method, samplers.DEFAULT_GRIDS[method], {})
+    built = tune.grid_tables(proc, method, jnp.asarray(run.grid, jnp.float32), knobs)
+    assert set(built) == set(planned)
+    for name, table in planned.items():
+        np.testing.assert_allclose(np.broadcast_to(built[name], table.shape), table, rtol=2e-4, atol=1e-6,
+                                   err_msg=name)
+
+
+def _teacher_problem(method, count=48):
+    """Starting states and the exact Gaussian denoiser's 50-NFE ``method`` outputs from them."""
+    denoiser = analytic.gaussian_denoiser(SPD, SPECTRUM)
+    key = jax.random.key(3)
+    x_T = SPD.prior_sample(key, (count,) + HW)
+    steps = samplers.steps_for_nfe(method, 50)
+    teacher, _ = samplers.sample(denoiser, SPD, method=method, num_steps=steps, key=key, x_T=x_T, clip_x0=False)
+    return denoiser, np.asarray(x_T), np.asarray(teacher)
+
+
+def test_teacher_tuning_brings_a_three_step_sampler_closer_to_its_teacher_on_held_out_states(tmp_path):
+    denoiser, x_T, teacher = _teacher_problem("gradient_estimation")
+    result = tune.tune_to_teacher(denoiser, SPD, x_T, teacher, method="gradient_estimation", nfe=3,
+                                  clip_x0=False, iterations=40, batch=16, learning_rate=0.1)
+    assert result.loss < 0.5 * result.loss_default  # held-out rows, never seen by the optimiser
+    grid = result.grid
+    assert grid[0] == pytest.approx(grids.T_MAX) and grid[-1] == 0.0
+    assert np.all(np.diff(grid) < 0) and np.all((grid >= 0) & (grid <= 1))
+    # the saved setting, sampled through the ordinary planned path, reproduces the reported loss
+    tune.save(result, tmp_path / "tuned" / "ge3.json")
+    loaded = grids.load_tuned("tuned:ge3", str(tmp_path))
+    held = slice(result.num_train, None)
+    x, info = samplers.sample(denoiser, SPD, method="gradient_estimation", num_steps=loaded.num_steps,
+                              grid=loaded.grid, key=jax.random.key(0), x_T=x_T[held], clip_x0=False, **loaded.knobs)
+    assert info["nfe"] == 3
+    assert np.mean((np.asarray(x) - teacher[held]) ** 2) == pytest.approx(result.loss, rel=1e-3)
+    assert loaded.record["objective"] == "teacher"
+
+
+def test_teacher_tuning_never_returns_a_setting_worse_than_its_start():
+    denoiser, x_T, teacher = _teacher_problem("dpm_solver_pp", count=16)
+    start = tune.tune(SPD, SPECTRUM, method="dpm_solver_pp", nfe=4, iterations=20)
+    # a learning rate far too large: every iterate is worse, so the start is kept
+    result = tune.tune_to_teacher(denoiser, SPD, x_T, teacher, method="dpm_solver_pp", nfe=4, clip_x0=False,
+                                  start=start, iterations=10, batch=8, learning_rate=5.0, check_every=5)
+    assert result.loss <= result.loss_start
+    if result.loss == result.loss_start:
+        np.testing.assert_allclose(result.grid, start.grid, rtol=1e-5)
+
+
+def test_teacher_tuning_refusals():
+    denoiser, x_T, teacher = _teacher_problem("gradient_estimation", count=8)
+    with pytest.raises(ValueError, match="deterministic samplers"):
+        tune.tune_to_teacher(denoiser, SPD, x_T, teacher, method="ancestral", nfe=3, clip_x0=False)
+    with pytest.raises(ValueError, match="one shape"):
+        tune.tune_to_teacher(denoiser, SPD, x_T, teacher[:4], method="ddim", nfe=3, clip_x0=False)
+    with pytest.raises(ValueError, match="held_out"):
+        tune.tune_to_teacher(denoiser, SPD, x_T, teacher, method="ddim", nfe=3, clip_x0=False, held_out=1.0)
+    with pytest.raises(ValueError, match="adds noise"):
+        tune.tune_to_teacher(denoiser, SPD, x_T, teacher, method="gradient_estimation", nfe=3, clip_x0=False,
+                             start=grids.TunedGrid("gradient_estimation", 3, np.array([0.999, 0.1, 0.01, 0.0]),
+                                                   {"mu": 0.5}, {}))
+
+
+def test_teacher_objective_tunes_on_the_runs_checkpoint_and_is_read_back_by_name(tmp_path):
+    from spd_jax.run import builders
+    from spd_jax.run import train as experiment
+    from spd_jax.run import tune as tune_run
+    from tests.test_train import tiny
+
+    config = tiny("digits_spd", num_steps=2)
+    config.sample.update(method="gradient_estimation", nfe=3)
+    config.tune.update(objective="teacher", teacher="gradient_estimation:8", num_examples=16, batch_size=8)
+    with pytest.raises(FileNotFoundError, match="train first"):
+        tune_run.run(config, str(tmp_path), iterations=2)
+    experiment.train(config, str(tmp_path))
+    record = tune_run.run(config, str(tmp_path), iterations=4)
+    assert record["path"] == str(tmp_path / "tuned" / "gradient_estimation_nfe3_teacher.json")
+    assert record["teacher"] == "gradient_estimation:8" and record["checkpoint_step"] == 2
+    assert record["loss"] <= record["loss_start"] and record["num_held_out"] == 4
+    assert "matched to gradient_estimation:8" in tune_run.summary(record)
+    config.sample.grid = "tuned:gradient_estimation_nfe3_teacher"
+    settings = builders.sampler_settings(config, workdir=tmp_path)
+    np.testing.assert_allclose(settings["grid"], record["grid"])
+    config.tune.teacher = "ancestral:20"
+    with pytest.raises(ValueError, match="must be deterministic"):
+        tune_run.run(config, str(tmp_path), iterations=2)
+    config.tune.teacher = "fast"
+    with pytest.raises(ValueError, match="expected 'sampler:NFE'"):
+        tune_run.run(config, str(tmp_path), iterations=2)

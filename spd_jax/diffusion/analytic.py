@@ -313,6 +313,9 @@ def sampler_law(
     """
     if knobs.get("projection") is not None:
         raise ValueError("sampler_law needs the default (Tweedie) projection; a trained one is not linear")
+    if np.any(np.asarray(knobs.get("time_shift", 0.0)) != 0):
+        raise ValueError("sampler_law evaluates the exact denoiser at each step's own level; a nonzero "
+                         f"time_shift ({knobs['time_shift']!r}) is a correction for trained networks")
     basis = _data_basis(process, basis)
     spec = check_spectrum(spectrum, basis)
     shape = _check_image(process, spec.shape)

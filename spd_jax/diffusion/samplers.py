@@ -44,6 +44,11 @@ Methods (knobs; docs/math.md section):
   ``key=`` a batch of per-example latent keys (shape (B,) for typed keys, (B, 2) for raw uint32
   keys; row b belongs to global example ``index[b]``) and should draw example b's latent from row b.
 
+``ddim``, ``gradient_estimation`` and ``dpm_solver_pp`` also take ``time_shift`` (0 by default; a
+number or one per step): step i calls the network at t_i exp(s_i), capped at 1, while its
+coefficients keep t_i (:func:`network_times`; tuned on a trained model by
+:func:`spd_jax.diffusion.tune.tune_to_teacher`, docs/math.md §6.8).
+
 Conventions: t_max = 1 - 1e-3 and a last level at t = 0, where every method returns x0_hat (GE and
 Heun take their update to sigma = 0; predict_project ends with a noise-free predict-project step
 to t = 0). With ``clip_x0`` x0_hat is clipped to [-1, 1] in pixel space and eps_hat recomputed
@@ -98,17 +103,18 @@ DEFAULT_GRIDS = {
 #: method knobs and their defaults
 KNOBS = {
     "ancestral": {"variance": "posterior"},
-    "ddim": {"eta": 0.0},
-    "gradient_estimation": {"gamma": 2.0, "mu": 0.0},
+    "ddim": {"eta": 0.0, "time_shift": 0.0},
+    "gradient_estimation": {"gamma": 2.0, "mu": 0.0, "time_shift": 0.0},
     "ddm_bridge": {"stochastic": True, "c_correction": True},
     "heun": {},
     "predict_project": {"kappa": 0.5, "projection": None},
     "smd": {"variance": "posterior"},
-    "dpm_solver_pp": {"order": 2, "lower_order_final": True, "extrapolation": 1.0},
+    "dpm_solver_pp": {"order": 2, "lower_order_final": True, "extrapolation": 1.0, "time_shift": 0.0},
 }
 
 #: knobs that may also be given per step (a sequence of num_steps values; e.g. tuned weights)
-PER_STEP_KNOBS = {"ddim": ("eta",), "gradient_estimation": ("gamma",), "dpm_solver_pp": ("extrapolation",)}
+PER_STEP_KNOBS = {"ddim": ("eta", "time_shift"), "gradient_estimation": ("gamma", "time_shift"),
+                  "dpm_solver_pp": ("extrapolation", "time_shift")}
 
 LATENT_STEP_OFFSET = 1 << 30  #: step offset of the per-example latent keys given to ``smd`` denoisers
 
@@ -352,6 +358,16 @@ def linear_tables(method: str, alpha, sigma, knobs: dict, *, final_zero: bool, x
     raise AssertionError(method)
 
 
+def network_times(t_cur, time_shift, xp=np):
+    """The time each step's network call sees: t_cur exp(time_shift) (per step), at most 1.
+
+    ``time_shift`` (a knob of the deterministic samplers, 0 by default) decouples the network's
+    time input from the level the step's coefficients use; a tuned shift corrects a trained
+    network's bias at few steps (:func:`spd_jax.diffusion.tune.tune_to_teacher`)."""
+    steps = t_cur.shape[0]
+    return xp.minimum(t_cur * xp.exp(xp.reshape(_per_step(time_shift, steps, xp), (steps,))), 1.0)
+
+
 def _method_tables(process, method, grid, levels, knobs):
     a_all, s_all = levels
     a_cur, s_cur, a_next, s_next = a_all[:-1], s_all[:-1], a_all[1:], s_all[1:]
@@ -540,7 +556,7 @@ def plan(process: Process, *, method: str, num_steps: int, grid=None, **knobs) -
     if linear:
         tables["a_a"] = _slope_table(grid, stochastic=bool(method_knobs["stochastic"]))
     tables.update(
-        t_cur=grid[:-1],
+        t_cur=network_times(grid[:-1], method_knobs.get("time_shift", 0.0), np),
         t_next=grid[1:],
         alpha_cur=alpha[:-1],
         sigma_cur=sigma[:-1],
@@ -657,11 +673,14 @@ class _JaxOps:
         return project
 
 
-_STATIC = ("denoiser", "projection", "method", "basis", "shape", "clip_x0", "c_correction", "noisy", "project")
+_STATIC = ("denoiser", "projection", "method", "basis", "shape", "clip_x0", "c_correction", "noisy", "project",
+           "unroll")
 
 
 def _run(tables, process, key, x_init, index, variables, *, denoiser, projection, method, basis, shape, clip_x0,
-         c_correction, noisy, project=None):
+         c_correction, noisy, project=None, unroll=1):
+    """The sampler's scan (see :func:`sample`); ``unroll=True`` unrolls it, which makes reverse-mode
+    differentiation through the steps several times faster on XLA:CPU (:func:`spd_jax.diffusion.tune.tune_to_teacher`)."""
     if variables is not None:  # traced: one compilation serves every parameter set
         denoiser = functools.partial(denoiser, variables)
     if x_init is None:
@@ -695,7 +714,7 @@ def _run(tables, process, key, x_init, index, variables, *, denoiser, projection
             return jax.lax.cond(c["active"], step, lambda s, _: s, state, c), None
         return step(state, c), None
 
-    (u, _), _ = jax.lax.scan(body, (u, jnp.zeros_like(u)), tables)
+    (u, _), _ = jax.lax.scan(body, (u, jnp.zeros_like(u)), tables, unroll=unroll)
     return bases.from_spectral(u, basis)
 
 

@@ -381,3 +381,249 @@ def _json_default(value):
     if isinstance(value, (np.bool_,)):
         return bool(value)
     raise TypeError(f"cannot write {type(value)} to JSON")
+
+
+# ---------------------------------------------------------------------------------------------
+# tuning on a trained denoiser: match a many-step teacher from the same starting noise
+# ---------------------------------------------------------------------------------------------
+
+#: methods whose deterministic run can be tuned against a teacher (with their default knobs)
+TEACHER_TUNABLE = {"gradient_estimation": "gamma", "dpm_solver_pp": "extrapolation", "ddim": None}
+
+
+def grid_tables(process: Process, method: str, grid, knobs: dict) -> dict:
+    """The scan inputs of :func:`spd_jax.diffusion.samplers.device_tables` (float32 JAX, one row
+    per step) for a JAX grid (S + 1,) that ends at t = 0, computed differentiably in the grid and
+    the per-step knobs (``knobs``: the resolved method knobs, per-step ones as (S,) arrays).
+
+    Equal, up to float32 rounding, to ``device_tables(plan(process, method=method, grid=grid,
+    ...))`` for the same grid (tested)."""
+    if method not in samplers.TABLE_METHODS:
+        raise ValueError(f"differentiable tables exist for {samplers.TABLE_METHODS}; got {method!r}")
+    grid = jnp.asarray(grid, jnp.float32)
+    steps = grid.shape[0] - 1
+    alpha, sigma = process.marginal(grid[:-1])
+    full = jnp.broadcast_shapes(jnp.shape(alpha), jnp.shape(sigma), (steps, 1, 1, 1))
+    alpha, sigma = jnp.broadcast_to(alpha, full), jnp.broadcast_to(sigma, full)
+    alpha = jnp.concatenate([alpha, jnp.ones((1,) + full[1:])])  # t = 0: the final step returns x0_hat
+    sigma = jnp.concatenate([sigma, jnp.zeros((1,) + full[1:])])
+    tables = samplers.linear_tables(method, alpha, sigma, knobs, final_zero=True, xp=jnp)
+    tables.update(t_cur=samplers.network_times(grid[:-1], knobs.get("time_shift", 0.0), jnp), t_next=grid[1:],
+                  alpha_cur=alpha[:-1], sigma_cur=sigma[:-1], alpha_next=alpha[1:], sigma_next=sigma[1:])
+    tables = {k: jnp.asarray(v, jnp.float32) for k, v in tables.items()}
+    tables["step"] = jnp.arange(steps, dtype=jnp.int32)
+    return tables
+
+
+class TeacherTuned(NamedTuple):
+    """A sampler setting tuned on a trained denoiser against a many-step teacher."""
+
+    method: str
+    process: str
+    nfe: int
+    num_steps: int
+    grid: np.ndarray  # (N + 1,) t levels, t_max first, 0 last
+    knobs: dict
+    loss: float  # held-out mean squared pixel distance to the teacher's samples, tuned setting
+    loss_start: float  # the same for the starting setting (default grid, or ``start``)
+    loss_default: float  # the same for the method's default grid and knobs
+    teacher: str  # e.g. "gradient_estimation:50"
+    num_train: int
+    num_held_out: int
+    seconds: float
+    history: list  # held-out loss at every check
+
+    objective = "teacher"
+
+    def to_json(self) -> dict:
+        out = self._asdict()
+        out["grid"] = [float(t) for t in self.grid]
+        out["objective"] = self.objective
+        out["format"] = FORMAT_VERSION
+        return out
+
+
+def _start_levels(start, num_steps: int, t_max: float) -> np.ndarray:
+    """Interior t levels (num_steps - 1,) from a saved grid of any length: log t resampled over
+    the step index (the top stays t_max); the same levels when the step counts agree."""
+    grid = np.asarray(start.grid, np.float64)
+    if grid.size - 1 == num_steps:
+        return grid[1:-1]
+    old = grid[:-1]  # t_max .. last interior level (the final 0 has no log)
+    position = np.arange(1, num_steps) * (old.size - 1) / max(num_steps - 1, 1)
+    levels = np.exp(np.interp(position, np.arange(old.size), np.log(old)))
+    return np.minimum.accumulate(np.minimum(levels, t_max * (1 - 1e-6)))
+
+
+def tune_to_teacher(
+    denoiser,
+    process: Process,
+    x_T,
+    teacher,
+    *,
+    method: str,
+    nfe: int,
+    clip_x0: bool,
+    variables=None,
+    start=None,
+    t_max: float = grids.T_MAX,
+    held_out: float = 0.25,
+    batch: int = 64,
+    iterations: int = 300,
+    learning_rate: float = 0.01,
+    teacher_name: str = "",
+    tune_time_shift: bool = True,
+    check_every: int = 10,
+    key=None,
+) -> TeacherTuned:
+    """Tune the grid and per-step weights of a deterministic ``method`` at ``nfe`` so that its
+    samples from the starting states ``x_T`` (n, H, W, C) match ``teacher`` (n, H, W, C), the
+    same denoiser's samples from the same ``x_T`` with many steps.
+
+    Objective: the mean squared pixel distance ``mean((sample(x_T) - teacher)^2)``,
+    differentiated through the whole sampler (network calls included, their time inputs too) with
+    ``jax.grad``; Adam on minibatches of ``batch`` rows of the first ``1 - held_out`` of the
+    examples. Every ``check_every`` iterations the held-out rows are scored and the best setting so
+    far is kept, so the result is never worse on the held-out rows than the start. The grid keeps
+    its first level (t_max) and its final t = 0; each interior level is a fraction sigmoid(a_i)
+    of the previous one (monotone by construction). Tuned with it: the method's per-step weight
+    (GE's gamma_i, DPM-Solver++'s extrapolation w_i) and, with ``tune_time_shift``, the per-step
+    ``time_shift`` s_i: the network sees t_i exp(s_i) while the step's coefficients keep t_i
+    (:func:`spd_jax.diffusion.samplers.network_times`), which lets the tuning correct the trained
+    network's own bias at coarse steps.
+
+    ``denoiser``: ``denoiser(x_t, t)`` or, with ``variables``, ``denoiser(variables, x_t, t)``
+    (as :func:`spd_jax.diffusion.samplers.sample`). ``start``: a saved setting of the same method
+    (e.g. the exact-law tuning, :func:`spd_jax.diffusion.grids.load_tuned`) to start from; default
+    the method's default grid and knobs. The denoiser must be deterministic (no SMD latents).
+    """
+    start_time = time.time()
+    samplers.check_process(process, method)
+    if method not in TEACHER_TUNABLE:
+        raise ValueError(f"teacher tuning supports the deterministic samplers {sorted(TEACHER_TUNABLE)}; "
+                         f"got {method!r}")
+    if process.num_levels is not None:
+        raise ValueError(f"process {process.name!r} is discrete: its time levels are not differentiable")
+    x_T, teacher = jnp.asarray(x_T, jnp.float32), jnp.asarray(teacher, jnp.float32)
+    if x_T.ndim != 4 or x_T.shape != teacher.shape:
+        raise ValueError(f"x_T and teacher must both be (n, H, W, C) of one shape; got {x_T.shape} and {teacher.shape}")
+    process.check_image_shape(x_T.shape)
+    if not 0 < held_out < 1:
+        raise ValueError(f"held_out must be a fraction in (0, 1); got {held_out}")
+    n = x_T.shape[0]
+    n_val = max(1, int(round(n * held_out)))
+    n_train = n - n_val
+    if n_train < 1:
+        raise ValueError(f"{n} examples leave none to tune on with held_out = {held_out}")
+    batch = min(int(batch), n_train)
+    num_steps = samplers.steps_for_nfe(method, nfe)
+    method_knobs, grid_kw = samplers.resolve_knobs(method, samplers.DEFAULT_GRIDS[method], {})
+    grid_kw.setdefault("t_max", t_max)
+    default = samplers.plan(process, method=method, num_steps=num_steps, **grid_kw, **method_knobs)
+    if default.noisy:
+        raise ValueError(f"{method} with knobs {method_knobs} adds noise: teacher tuning needs a deterministic sampler")
+    weight_name = TEACHER_TUNABLE[method]
+    top = float(default.grid[0])
+    if start is not None:
+        if start.method != method:
+            raise ValueError(f"a start must come from a tuning of {method!r}; got one of {start.method!r}")
+        levels0 = _start_levels(start, num_steps, top)
+        start_knobs = dict(method_knobs)
+        start_knobs.update({k: v for k, v in start.knobs.items() if k in method_knobs})
+        for knob in (weight_name, "time_shift"):
+            if knob is not None and np.ndim(start_knobs[knob]) == 1 and len(start_knobs[knob]) != num_steps:
+                old = np.asarray(start_knobs[knob], np.float64)
+                start_knobs[knob] = np.interp((np.arange(num_steps) + 0.5) * old.size / num_steps,
+                                              np.arange(old.size) + 0.5, old)
+    else:
+        levels0, start_knobs = default.grid[1:-1], dict(method_knobs)
+    start_plan = samplers.plan(process, method=method, num_steps=num_steps,
+                               grid=np.concatenate([[top], np.asarray(levels0, np.float64), [0.0]]), **start_knobs)
+    if start_plan.noisy:
+        raise ValueError(f"{method} with the start's knobs adds noise: teacher tuning needs a deterministic sampler")
+    fixed = {k: v for k, v in start_knobs.items() if k not in (weight_name, "time_shift")}
+    shift0 = np.broadcast_to(np.asarray(start_knobs["time_shift"], np.float64), (num_steps,))
+    weights0 = np.zeros(num_steps) if weight_name is None else np.broadcast_to(
+        np.asarray(start_knobs[weight_name], np.float64), (num_steps,)).copy()
+    heights = np.concatenate([[top], np.asarray(levels0, np.float64)])
+    fractions = np.clip(heights[1:] / heights[:-1], 1e-6, 1 - 1e-6)
+    params0 = {"dec": jnp.asarray(np.log(fractions) - np.log1p(-fractions), jnp.float32),
+               "w": jnp.asarray(weights0, jnp.float32), "shift": jnp.asarray(shift0, jnp.float32)}
+
+    def setting(params):
+        interior = top * jnp.cumprod(jax.nn.sigmoid(params["dec"]))
+        grid = jnp.concatenate([jnp.full((1,), top, jnp.float32), interior, jnp.zeros((1,), jnp.float32)])
+        knobs = dict(fixed, time_shift=params["shift"])
+        if weight_name is not None:
+            knobs[weight_name] = params["w"]
+        return grid, knobs
+
+    basis = "identity" if process.is_scalar else process.basis
+
+    def distance(params, x, target, index):
+        grid, knobs = setting(params)
+        tables = grid_tables(process, method, grid, knobs)
+        out = samplers._run(tables, process, jax.random.key(0), x, index, variables, denoiser=denoiser,
+                            projection=None, method=method, basis=basis, shape=x.shape, clip_x0=clip_x0,
+                            c_correction=True, noisy=False, unroll=True)  # rolled: ~3x slower gradients on CPU
+        return jnp.mean((out - target) ** 2)
+
+    opt = optax.adam(optax.cosine_decay_schedule(learning_rate, max(int(iterations), 1), alpha=0.05))
+    trainable = jax.tree.map(jnp.ones_like, params0)
+    if weight_name is None:
+        trainable["w"] = jnp.zeros_like(params0["w"])
+    if not tune_time_shift:
+        trainable["shift"] = jnp.zeros_like(params0["shift"])
+
+    @jax.jit
+    def update(params, state, x, target, index):
+        value, grad = jax.value_and_grad(distance)(params, x, target, index)
+        grad = jax.tree.map(lambda g, m: jnp.nan_to_num(g) * m, grad, trainable)
+        steps, state = opt.update(grad, state, params)
+        return optax.apply_updates(params, steps), state, value
+
+    score_jit = jax.jit(distance)
+    rows_val = np.arange(n_train, n)
+
+    def held_out_loss(params):
+        total = 0.0
+        for lo in range(0, rows_val.size, batch):
+            rows = rows_val[lo:lo + batch]
+            total += float(score_jit(params, x_T[rows], teacher[rows], jnp.asarray(rows, jnp.uint32))) * rows.size
+        return total / rows_val.size
+
+    def loss_of(grid, knobs):  # a fixed setting, scored like the tuned ones
+        dec = grid[1:-1] / grid[:-2]
+        dec = np.clip(dec, 1e-6, 1 - 1e-6)
+        w = np.zeros(num_steps) if weight_name is None else np.broadcast_to(
+            np.asarray(knobs[weight_name], np.float64), (num_steps,))
+        return held_out_loss({"dec": jnp.asarray(np.log(dec) - np.log1p(-dec), jnp.float32),
+                              "w": jnp.asarray(w, jnp.float32),
+                              "shift": jnp.broadcast_to(jnp.asarray(knobs["time_shift"], jnp.float32), (num_steps,))})
+
+    loss_default = loss_of(default.grid, method_knobs)
+    params, state = params0, opt.init(params0)
+    best, best_loss = params0, held_out_loss(params0)
+    loss_start, history = best_loss, [best_loss]
+    rng = np.random.default_rng(0 if key is None else int(jax.random.randint(key, (), 0, 2**31 - 1)))
+    for i in range(int(iterations)):
+        rows = rng.choice(n_train, batch, replace=False)
+        params, state, _ = update(params, state, x_T[rows], teacher[rows], jnp.asarray(rows, jnp.uint32))
+        if (i + 1) % check_every == 0 or i + 1 == iterations:
+            value = held_out_loss(params)
+            history.append(value)
+            if np.isfinite(value) and value < best_loss:
+                best, best_loss = params, value
+    grid, knobs = setting(best)
+    tuned_grid = grids.check_grid(np.asarray(grid, np.float64))
+    tuned_knobs = dict(fixed)
+    for knob in (weight_name, "time_shift"):
+        if knob is not None:
+            tuned_knobs[knob] = [float(x) for x in np.asarray(knobs[knob], np.float64)]
+    samplers.plan(process, method=method, num_steps=num_steps, grid=tuned_grid, **tuned_knobs)  # finite tables
+    return TeacherTuned(
+        method=method, process=process.name, nfe=int(default.nfe), num_steps=num_steps, grid=tuned_grid,
+        knobs=tuned_knobs, loss=float(best_loss), loss_start=float(loss_start), loss_default=float(loss_default),
+        teacher=teacher_name, num_train=n_train, num_held_out=n_val, seconds=time.time() - start_time,
+        history=[float(h) for h in history],
+    )
