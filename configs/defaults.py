@@ -102,7 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.batch_size = 256  # images per sampler call
     config.sample.seed = 1
     config.sample.upscale = 1  # nearest-neighbour magnification of grid PNGs
-    config.sample.options = ml_collections.ConfigDict()  # method knobs, e.g. gamma, eta, kappa
+    # method knobs, e.g. gamma, eta, kappa, order; on the command line as one dict:
+    # --config.sample.options='{"order": 3}'
+    config.sample.options = ml_collections.ConfigDict()
 
     # image-conditioned tasks (spd_jax.run.sampling); name "" = unconditional generation
     config.task = ml_collections.ConfigDict()

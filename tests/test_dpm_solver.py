@@ -1,5 +1,5 @@
-"""DPM-Solver++(2M) per frequency (docs/math.md §6.7b): the published update by hand, exactness on
-one-point data, its exact law, identities and NFE."""
+"""DPM-Solver++(2M, 3M) per frequency (docs/math.md §6.7b): the published updates by hand, exactness on
+one-point data, the exact law, identities and NFE."""
 
 import jax
 import numpy as np
@@ -148,8 +148,8 @@ def test_per_step_extrapolation_and_bad_knobs():
     np.testing.assert_allclose(run.tables["extrap"][1], 0.5 * ref.tables["extrap"][1])
     with pytest.raises(ValueError, match="per-step"):
         samplers.plan(SPD, method="dpm_solver_pp", num_steps=3, extrapolation=[1.0, 1.0])
-    with pytest.raises(ValueError, match="order"):
-        samplers.plan(SPD, method="dpm_solver_pp", num_steps=3, order=3)
+    with pytest.raises(ValueError, match="order must be 1, 2 or 3; got 4"):
+        samplers.plan(SPD, method="dpm_solver_pp", num_steps=3, order=4)
     with pytest.raises(ValueError, match="did you mean 'order'"):
         samplers.plan(SPD, method="dpm_solver_pp", num_steps=3, ordr=2)
 
@@ -158,3 +158,57 @@ def test_gamma_per_step_matches_scalar_gamma():
     a = analytic.sampler_law(SPD, SPECTRUM, method="gradient_estimation", num_steps=4, gamma=[1.0, 2.0, 2.0, 2.0])
     b = analytic.sampler_law(SPD, SPECTRUM, method="gradient_estimation", num_steps=4, gamma=2.0)
     np.testing.assert_allclose(a.var, b.var, rtol=1e-12)
+
+
+@pytest.mark.parametrize("lower_order_final", [False, True])
+def test_3m_equals_the_hand_computed_four_step_update(lower_order_final):
+    """DPM-Solver++(3M) in the paper's D0, D1, D2 form: orders 1, 2, 3, 3 (1, 2, 2, 1 with
+    lower_order_final on four steps: the last step first order, the one before second order)."""
+    grid = np.array([0.9, 0.6, 0.35, 0.15, 0.05])
+    alpha, sigma = _vp_linear(grid)
+    lam = np.log(alpha / sigma)
+    x, models = 0.8, []
+    orders = [1, 2, 2, 1] if lower_order_final else [1, 2, 3, 3]
+    for i, order in enumerate(orders):
+        models.append(_toy_x0(x, grid[i]))
+        h = lam[i + 1] - lam[i]
+        m0 = models[-1]
+        if order == 1:
+            d_term = -alpha[i + 1] * np.expm1(-h) * m0
+        elif order == 2:
+            r0 = (lam[i] - lam[i - 1]) / h
+            d_term = -alpha[i + 1] * np.expm1(-h) * (m0 + (m0 - models[-2]) / (2 * r0))
+        else:
+            h0, h1 = lam[i] - lam[i - 1], lam[i - 1] - lam[i - 2]
+            r0, r1 = h0 / h, h1 / h
+            d1_0, d1_1 = (m0 - models[-2]) / r0, (models[-2] - models[-3]) / r1
+            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            e = np.exp(-h)
+            d_term = (-alpha[i + 1] * (e - 1.0) * m0 + alpha[i + 1] * ((e - 1.0) / h + 1.0) * d1
+                      - alpha[i + 1] * ((e - 1.0 + h) / h**2 - 0.5) * d2)
+        x = (sigma[i + 1] / sigma[i]) * x + d_term
+    with jax.disable_jit():
+        out, info = samplers.sample(_toy_denoiser, processes.vp_linear(), method="dpm_solver_pp", num_steps=4,
+                                    grid=grid, key=KEY, x_T=np.full((1, 1, 1, 1), 0.8), clip_x0=False, order=3,
+                                    lower_order_final=lower_order_final)
+    assert float(out.ravel()[0]) == pytest.approx(x, rel=1e-5)
+    assert info["nfe"] == 4
+
+
+def test_3m_exact_law_reproduces_the_implementation_and_converges_at_third_order():
+    x, _ = samplers.sample(SPD_GAUSS, SPD, method="dpm_solver_pp", num_steps=6, key=KEY, x_T=X_T, clip_x0=False,
+                           order=3)
+    law = analytic.sampler_law(SPD, SPECTRUM, method="dpm_solver_pp", num_steps=6, start=(0.0, 1.0), order=3)
+    expected = bases.from_spectral_np(law.gains["start"] * bases.to_spectral_np(X_T, "dft"), "dft")
+    np.testing.assert_allclose(np.asarray(x), expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
+    two, _ = samplers.sample(SPD_GAUSS, SPD, method="dpm_solver_pp", num_steps=6, key=KEY, x_T=X_T, clip_x0=False)
+    assert np.max(np.abs(np.asarray(x) - np.asarray(two))) > 1e-3  # the third-order terms act
+
+    def kl(n, order):
+        law = analytic.sampler_law(SPD, SPECTRUM, method="dpm_solver_pp", num_steps=n, order=order)
+        return analytic.gaussian_kl(law.mean, law.var, SPECTRUM)
+
+    # the KL is quadratic in the output error: a higher-order solver's KL falls faster with N
+    assert kl(50, 3) < 0.5 * kl(50, 2)
+    assert kl(100, 3) / kl(50, 3) < kl(100, 2) / kl(50, 2)

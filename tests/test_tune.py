@@ -122,6 +122,11 @@ def test_a_tuned_grid_is_saved_in_the_workdir_and_read_back_by_name_from_the_con
     np.testing.assert_allclose(settings["grid"], record["grid"])
     assert settings["num_steps"] == 3 and np.shape(settings["gamma"]) == (3,)
     assert builders.sampler_settings(config, nfe=5, workdir=tmp_path)["grid"] is None  # other NFEs: default grid
+    config.sample.options = {"mu": 0.25}  # other fixed knobs: a file of their own, the knob kept
+    other = tune_run.run(config, str(tmp_path), iterations=3)
+    assert other["path"] == str(tmp_path / "tuned" / "gradient_estimation_nfe3_mu0.25.json")
+    assert other["knobs"]["mu"] == 0.25
+    config.sample.options = {}
     warm = tune_run.run(config, str(tmp_path), nfe=5, iterations=5, start="gradient_estimation_nfe3")
     assert warm["kl"] < record["kl"]  # the 3-NFE optimum resampled onto 5 steps is already better
     with pytest.raises(ValueError, match="is a tuning of 'gradient_estimation'; expected one of 'ddim'"):
@@ -228,3 +233,15 @@ def test_teacher_objective_tunes_on_the_runs_checkpoint_and_is_read_back_by_name
     config.tune.teacher = "fast"
     with pytest.raises(ValueError, match="expected 'sampler:NFE'"):
         tune_run.run(config, str(tmp_path), iterations=2)
+
+
+def test_teacher_tuning_keeps_fixed_knobs_like_the_3m_order_and_its_loss_is_reproduced_by_sample():
+    denoiser, x_T, teacher = _teacher_problem("dpm_solver_pp", count=16)
+    result = tune.tune_to_teacher(denoiser, SPD, x_T, teacher, method="dpm_solver_pp", nfe=5, clip_x0=False,
+                                  iterations=10, batch=8, check_every=5, order=3)
+    assert result.knobs["order"] == 3 and len(result.knobs["time_shift"]) == 5
+    held = slice(result.num_train, None)
+    x, _ = samplers.sample(denoiser, SPD, method="dpm_solver_pp", num_steps=5, grid=result.grid, key=jax.random.key(0),
+                           x_T=x_T[held], clip_x0=False, **result.knobs)
+    assert np.mean((np.asarray(x) - teacher[held]) ** 2) == pytest.approx(result.loss, rel=1e-3)
+    assert "extrap2" in samplers.plan(SPD, method="dpm_solver_pp", num_steps=5, **result.knobs).tables

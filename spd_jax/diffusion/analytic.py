@@ -30,7 +30,7 @@ import numpy as np
 from spd_jax.diffusion import bases
 from spd_jax.diffusion.parameterization import Denoiser, Prediction
 from spd_jax.diffusion.processes import Process, check_spectrum
-from spd_jax.diffusion.samplers import UPDATES, Spectral, plan
+from spd_jax.diffusion.samplers import UPDATES, Spectral, initial_cache, plan
 
 _VAR_FLOOR = 1e-24  # floor of alpha^2 S + sigma^2 (finite-set denoisers at t = 0)
 
@@ -268,7 +268,7 @@ def propagate_law(method: str, tables: dict, spectrum, mean_u, start_mean, start
     steps = int(np.shape(tables["alpha_cur"])[0])
     num_sources = steps + 1 if noisy else 1
     coefs = start_std * _unit(0, num_sources, np.ndim(spectrum))
-    state = (_Affine(start_mean, coefs), 0.0)
+    state = (_Affine(start_mean, coefs), initial_cache(tables, 0.0))
     update = UPDATES[method]
     for j in range(steps):
         row = {name: table[j] for name, table in tables.items()}

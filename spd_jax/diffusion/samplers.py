@@ -26,13 +26,16 @@ Methods (knobs; docs/math.md section):
   §2.6b) with the denoiser's slope a: u_s = u_t + H_s - H_t - (s'/sqrt(t)) eps_hat + noise, where
   H_t = a t^2/2 + c t, a_hat clipped to [-1, 1] and the raw c_hat (no c-correction); deterministic:
   u_s = x0_hat + H_s + sqrt(s) eps_hat. It is the only method for that process.
-* ``dpm_solver_pp`` (``order`` in {1, 2}, ``lower_order_final``, ``extrapolation``; §6.7b):
+* ``dpm_solver_pp`` (``order`` in {1, 2, 3}, ``lower_order_final``, ``extrapolation``; §6.7b):
   DPM-Solver++(2M), data prediction, the exponential-integrator step written in each
   frequency's own half log-SNR lambda_t(k) = log(alpha_t(k) / sigma_t(k)):
   u_s = (sigma_s/sigma_t) u_t + alpha_s (1 - e^-h) D, h = lambda_s - lambda_t, with
   D = x0_hat + (w / (2 r)) (x0_hat - x0_hat_prev), r = h_prev / h, w = ``extrapolation``
   (1 = the published 2M update, 0 = first order = DDIM); the first step is first order, and so
   is the last with ``lower_order_final`` (always when it goes to zero noise, where h = inf).
+  ``order=3`` is DPM-Solver++(3M): from the third step on, D also carries a second difference of
+  the two earlier x0_hat (the cache holds both), with the step before the last at most second
+  order under ``lower_order_final``.
 * ``heun`` (§6.5): Heun on the probability-flow ODE in VE form, Euler on the last step to
   zero noise (NFE 2N - 1).
 * ``predict_project`` (``kappa``, ``projection``; §6.6): Euler-Maruyama predict step on the
@@ -180,10 +183,20 @@ def _ge_update(state, c, ops):
 
 
 def _dpm_update(state, c, ops):
-    u, x0_prev = state  # the cache slot holds the previous step's x0_hat
+    u, cache = state  # the cache slot holds the previous x0_hat (3M: the previous two)
     x0 = ops.predict(u, "cur").x0
-    d = x0 + c["extrap"] * (x0 - x0_prev)
+    if "extrap2" in c:  # order 3
+        x0_prev, x0_prev2 = cache
+        d = x0 + c["extrap"] * (x0 - x0_prev) + c["extrap2"] * (x0_prev - x0_prev2)
+        return c["a_u"] * u + c["a_0"] * d, (x0, x0_prev)
+    d = x0 + c["extrap"] * (x0 - cache)
     return c["a_u"] * u + c["a_0"] * d, x0
+
+
+def initial_cache(tables: dict, zero):
+    """The update's cache slot before the first step: ``zero`` (a zero array, or 0.0 for the exact
+    law), or a pair of them for DPM-Solver++(3M), which keeps two earlier x0_hat."""
+    return (zero, zero) if "extrap2" in tables else zero
 
 
 def _bridge_update(state, c, ops):
@@ -349,12 +362,30 @@ def linear_tables(method: str, alpha, sigma, knobs: dict, *, final_zero: bool, x
         if knobs["lower_order_final"]:
             second = second & ~last
         second = second & ~final_mask
-        weight = _per_step(knobs["extrapolation"], steps, xp) * (float(knobs["order"]) - 1.0)
-        return {
-            "a_u": final(s_next / s_cur, 0.0),
-            "a_0": final(a_next * -xp.expm1(-h), 1.0),
-            "extrap": xp.where(second, weight * h / (2.0 * h_prev), 0.0),
-        }
+        order = int(knobs["order"])
+        weight = _per_step(knobs["extrapolation"], steps, xp) * (1.0 if order > 1 else 0.0)
+        phi1 = -xp.expm1(-h)  # 1 - e^-h
+        tables = {"a_u": final(s_next / s_cur, 0.0), "a_0": final(a_next * phi1, 1.0)}
+        if order < 3:
+            tables["extrap"] = xp.where(second, weight * h / (2.0 * h_prev), 0.0)
+            return tables
+        # 3M: D = x0 + e1 (x0 - x0_prev) + e2 (x0_prev - x0_prev2), from step 3 on (and not on the
+        # last two steps with lower_order_final); r0 = h_prev / h, r1 = h_prev2 / h
+        index = np.arange(steps).reshape((-1, 1, 1, 1))
+        third = second & (index >= 2)
+        if knobs["lower_order_final"]:
+            third = third & (index != steps - 2)
+        h_safe = xp.where(final_mask, 1.0, h)
+        h_prev2 = xp.concatenate([h[:2], h[:-2]], axis=0)
+        r0, r1 = h_prev / h_safe, h_prev2 / h_safe
+        phi1_safe = xp.where(final_mask, 1.0, phi1)
+        g2 = (1.0 - phi1_safe / h_safe) / phi1_safe  # phi2 / phi1, phi2 = (e^-h - 1)/h + 1
+        g3 = ((h_safe - phi1_safe) / h_safe**2 - 0.5) / phi1_safe  # phi3 / phi1, phi3 = (e^-h - 1 + h)/h^2 - 1/2
+        e1 = g2 * (1.0 / r0 + 1.0 / (r0 + r1)) - g3 / (r0 * (r0 + r1))
+        e2 = -g2 * r0 / ((r0 + r1) * r1) + g3 / (r1 * (r0 + r1))
+        tables["extrap"] = xp.where(third, weight * e1, xp.where(second, weight * h / (2.0 * h_prev), 0.0))
+        tables["extrap2"] = xp.where(third, weight * e2, 0.0)
+        return tables
     raise AssertionError(method)
 
 
@@ -446,8 +477,8 @@ def resolve_knobs(method: str, grid, knobs: dict) -> tuple[dict, dict]:
     if method == "gradient_estimation" and not 0.0 <= method_knobs["mu"] < 1.0:
         raise ValueError(f"gradient_estimation mu must be in [0, 1); got {method_knobs['mu']}")
     if method == "dpm_solver_pp":
-        if method_knobs["order"] not in (1, 2) or isinstance(method_knobs["order"], bool):
-            raise ValueError(f"dpm_solver_pp order must be 1 or 2; got {method_knobs['order']!r}")
+        if method_knobs["order"] not in (1, 2, 3) or isinstance(method_knobs["order"], bool):
+            raise ValueError(f"dpm_solver_pp order must be 1, 2 or 3; got {method_knobs['order']!r}")
         if not isinstance(method_knobs["lower_order_final"], (bool, np.bool_)):
             raise ValueError(f"dpm_solver_pp lower_order_final must be True or False; "
                              f"got {method_knobs['lower_order_final']!r}")
@@ -714,7 +745,7 @@ def _run(tables, process, key, x_init, index, variables, *, denoiser, projection
             return jax.lax.cond(c["active"], step, lambda s, _: s, state, c), None
         return step(state, c), None
 
-    (u, _), _ = jax.lax.scan(body, (u, jnp.zeros_like(u)), tables, unroll=unroll)
+    (u, _), _ = jax.lax.scan(body, (u, initial_cache(tables, jnp.zeros_like(u))), tables, unroll=unroll)
     return bases.from_spectral(u, basis)
 
 

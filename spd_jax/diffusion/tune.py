@@ -476,6 +476,7 @@ def tune_to_teacher(
     tune_time_shift: bool = True,
     check_every: int = 10,
     key=None,
+    **knobs,
 ) -> TeacherTuned:
     """Tune the grid and per-step weights of a deterministic ``method`` at ``nfe`` so that its
     samples from the starting states ``x_T`` (n, H, W, C) match ``teacher`` (n, H, W, C), the
@@ -496,7 +497,9 @@ def tune_to_teacher(
     ``denoiser``: ``denoiser(x_t, t)`` or, with ``variables``, ``denoiser(variables, x_t, t)``
     (as :func:`spd_jax.diffusion.samplers.sample`). ``start``: a saved setting of the same method
     (e.g. the exact-law tuning, :func:`spd_jax.diffusion.grids.load_tuned`) to start from; default
-    the method's default grid and knobs. The denoiser must be deterministic (no SMD latents).
+    the method's default grid and knobs. ``knobs``: the method's fixed knobs (e.g. ``order=3``)
+    and grid options of its default grid; they override the start's. The denoiser must be
+    deterministic (no SMD latents).
     """
     start_time = time.time()
     samplers.check_process(process, method)
@@ -518,7 +521,8 @@ def tune_to_teacher(
         raise ValueError(f"{n} examples leave none to tune on with held_out = {held_out}")
     batch = min(int(batch), n_train)
     num_steps = samplers.steps_for_nfe(method, nfe)
-    method_knobs, grid_kw = samplers.resolve_knobs(method, samplers.DEFAULT_GRIDS[method], {})
+    method_knobs, grid_kw = samplers.resolve_knobs(method, samplers.DEFAULT_GRIDS[method], knobs)
+    given = {k: method_knobs[k] for k in knobs if k in method_knobs}  # explicit knobs win over the start's
     grid_kw.setdefault("t_max", t_max)
     default = samplers.plan(process, method=method, num_steps=num_steps, **grid_kw, **method_knobs)
     if default.noisy:
@@ -531,6 +535,7 @@ def tune_to_teacher(
         levels0 = _start_levels(start, num_steps, top)
         start_knobs = dict(method_knobs)
         start_knobs.update({k: v for k, v in start.knobs.items() if k in method_knobs})
+        start_knobs.update(given)
         for knob in (weight_name, "time_shift"):
             if knob is not None and np.ndim(start_knobs[knob]) == 1 and len(start_knobs[knob]) != num_steps:
                 old = np.asarray(start_knobs[knob], np.float64)

@@ -73,9 +73,17 @@ def run(config, workdir: str, *, method: str | None = None, nfe: int | None = No
     if start_grid is not None and start_grid.method != method:
         raise ValueError(f"--start={start!r} is a tuning of {start_grid.method!r}; expected one of {method!r}")
     nfe = int(nfe or config.sample.nfe)
+    # config.sample.options (e.g. order=3) are the sampler's fixed knobs when it is config.sample.method
+    options = dict(config.sample.options) if method == config.sample.method else {}
+    if name is None and options:  # e.g. dpm_solver_pp_nfe5_order3: a tuning with other knobs keeps its own file
+        name_suffix = "_" + "_".join(f"{k}{v}" for k, v in sorted(options.items()))
+    else:
+        name_suffix = ""
     if objective == "teacher":
+        if name is None and name_suffix:
+            name = f"{method}_nfe{nfe}{name_suffix}_teacher"
         return run_teacher(config, workdir, method=method, nfe=nfe, name=name, iterations=iterations,
-                           start=start_grid, learning_rate=learning_rate)
+                           start=start_grid, learning_rate=learning_rate, **options)
     shape = builders.image_shape(config)
     if config.process.name == "spd":  # SPD's process is built from the data spectrum itself
         spec = builders.build_spectrum(config, builders.build_source(config, "train"), shape)
@@ -84,8 +92,8 @@ def run(config, workdir: str, *, method: str | None = None, nfe: int | None = No
         process = builders.build_process(config, None, shape)
     spec, source = data_spectrum(config, process)
     result = tune.tune(process, spec, method=method, nfe=nfe, objective=objective, iterations=iterations,
-                       t_max=float(config.sample.t_max), start=start_grid, learning_rate=learning_rate)
-    name = name or f"{method}_nfe{result.nfe}"
+                       t_max=float(config.sample.t_max), start=start_grid, learning_rate=learning_rate, **options)
+    name = name or f"{method}_nfe{result.nfe}{name_suffix}"
     path = str(epath.Path(workdir) / grids.TUNED_DIR / (name + ".json"))
     record = tune.save(result, path, name=name, spectrum_source=source, config_process=config.process.name,
                        config_data=config.data.name)
@@ -100,7 +108,7 @@ def _apply_denoiser(model, process, head, variables, x_t, t, *, key=None):
 
 
 def run_teacher(config, workdir: str, *, method: str, nfe: int, name: str | None, iterations: int,
-                start=None, learning_rate: float = 0.01) -> dict:
+                start=None, learning_rate: float = 0.01, **knobs) -> dict:
     """Tune ``method`` at ``nfe`` on the run's latest EMA checkpoint: its samples from
     config.tune.num_examples starting states are matched to the teacher's (config.tune.teacher,
     default ``method`` at 50 NFE) from the same states (:func:`spd_jax.diffusion.tune.tune_to_teacher`).
@@ -152,7 +160,7 @@ def run_teacher(config, workdir: str, *, method: str, nfe: int, name: str | None
     result = tune.tune_to_teacher(denoiser, process, x_T, teacher, method=method, nfe=nfe, clip_x0=clip,
                                   variables=restored.variables, start=start, t_max=float(config.sample.t_max),
                                   batch=batch, iterations=iterations, learning_rate=learning_rate,
-                                  teacher_name=teacher_name, tune_time_shift=bool(t.time_shift))
+                                  teacher_name=teacher_name, tune_time_shift=bool(t.time_shift), **knobs)
     name = name or f"{method}_nfe{result.nfe}_teacher"
     path = str(epath.Path(workdir) / grids.TUNED_DIR / (name + ".json"))
     record = tune.save(result, path, name=name, checkpoint_step=int(restored.step),
