@@ -752,6 +752,20 @@ def _run(tables, process, key, x_init, index, variables, *, denoiser, projection
 _run_jit = jax.jit(_run, static_argnames=_STATIC)
 
 
+def run_tables(tables: dict, process: Process, x_T, *, denoiser, method: str, clip_x0: bool, variables=None,
+               index=None, key=None, unroll=1):
+    """The sampler scan on given tables, traceable and differentiable in them (no jit, no plan):
+    ``tables`` as :func:`device_tables` gives them, e.g. computed from a traced grid
+    (:func:`spd_jax.diffusion.tune.grid_tables`); ``x_T`` (B, H, W, C) the starting states. For
+    deterministic samplers (no noise is drawn; ``key`` only keys SMD latents)."""
+    x_T = jnp.asarray(x_T, jnp.float32)
+    index = example_index(x_T.shape[0], index)
+    key = jax.random.key(0) if key is None else key
+    return _run(tables, process, key, x_T, index, variables, denoiser=denoiser, projection=None, method=method,
+                basis="identity" if process.is_scalar else process.basis, shape=tuple(x_T.shape), clip_x0=clip_x0,
+                c_correction=True, noisy=False, unroll=unroll)
+
+
 def device_tables(plan_: Plan, pad_to: int | None = None) -> dict:
     """The scan's inputs: ``plan_``'s tables cast once to float32 (bool tables stay bool), one row
     per step, plus ``step`` (the step index, which keys the noise).

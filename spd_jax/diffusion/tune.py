@@ -564,14 +564,11 @@ def tune_to_teacher(
             knobs[weight_name] = params["w"]
         return grid, knobs
 
-    basis = "identity" if process.is_scalar else process.basis
-
     def distance(params, x, target, index):
         grid, knobs = setting(params)
         tables = grid_tables(process, method, grid, knobs)
-        out = samplers._run(tables, process, jax.random.key(0), x, index, variables, denoiser=denoiser,
-                            projection=None, method=method, basis=basis, shape=x.shape, clip_x0=clip_x0,
-                            c_correction=True, noisy=False, unroll=True)  # rolled: ~3x slower gradients on CPU
+        out = samplers.run_tables(tables, process, x, denoiser=denoiser, method=method, clip_x0=clip_x0,
+                                  variables=variables, index=index, unroll=True)  # rolled: ~3x slower gradients on CPU
         return jnp.mean((out - target) ** 2)
 
     opt = optax.adam(optax.cosine_decay_schedule(learning_rate, max(int(iterations), 1), alpha=0.05))
