@@ -551,10 +551,15 @@ def tune_to_teacher(
     shift0 = np.broadcast_to(np.asarray(start_knobs["time_shift"], np.float64), (num_steps,))
     weights0 = np.zeros(num_steps) if weight_name is None else np.broadcast_to(
         np.asarray(start_knobs[weight_name], np.float64), (num_steps,)).copy()
-    heights = np.concatenate([[top], np.asarray(levels0, np.float64)])
-    fractions = np.clip(heights[1:] / heights[:-1], 1e-6, 1 - 1e-6)
-    params0 = {"dec": jnp.asarray(np.log(fractions) - np.log1p(-fractions), jnp.float32),
-               "w": jnp.asarray(weights0, jnp.float32), "shift": jnp.asarray(shift0, jnp.float32)}
+
+    def params_of(levels, weights, shift) -> dict:  # the parameters of interior t levels and per-step knobs
+        heights = np.concatenate([[top], np.asarray(levels, np.float64)])
+        fractions = np.clip(heights[1:] / heights[:-1], 1e-6, 1 - 1e-6)
+        return {"dec": jnp.asarray(np.log(fractions) - np.log1p(-fractions), jnp.float32),
+                "w": jnp.broadcast_to(jnp.asarray(weights, jnp.float32), (num_steps,)),
+                "shift": jnp.broadcast_to(jnp.asarray(shift, jnp.float32), (num_steps,))}
+
+    params0 = params_of(levels0, weights0, shift0)
 
     def setting(params):
         interior = top * jnp.cumprod(jax.nn.sigmoid(params["dec"]))
@@ -595,16 +600,8 @@ def tune_to_teacher(
             total += float(score_jit(params, x_T[rows], teacher[rows], jnp.asarray(rows, jnp.uint32))) * rows.size
         return total / rows_val.size
 
-    def loss_of(grid, knobs):  # a fixed setting, scored like the tuned ones
-        dec = grid[1:-1] / grid[:-2]
-        dec = np.clip(dec, 1e-6, 1 - 1e-6)
-        w = np.zeros(num_steps) if weight_name is None else np.broadcast_to(
-            np.asarray(knobs[weight_name], np.float64), (num_steps,))
-        return held_out_loss({"dec": jnp.asarray(np.log(dec) - np.log1p(-dec), jnp.float32),
-                              "w": jnp.asarray(w, jnp.float32),
-                              "shift": jnp.broadcast_to(jnp.asarray(knobs["time_shift"], jnp.float32), (num_steps,))})
-
-    loss_default = loss_of(default.grid, method_knobs)
+    loss_default = held_out_loss(params_of(default.grid[1:-1], 0.0 if weight_name is None else
+                                           method_knobs[weight_name], method_knobs["time_shift"]))
     params, state = params0, opt.init(params0)
     best, best_loss = params0, held_out_loss(params0)
     loss_start, history = best_loss, [best_loss]
