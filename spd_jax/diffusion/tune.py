@@ -161,17 +161,29 @@ class ExactKL:
 
     def __call__(self, log_levels, weights):
         grid = self.grid(log_levels)
-        alpha, sigma = self.marginal(grid[:-1])
-        shape = (1,) + alpha.shape[1:]
-        alpha = jnp.concatenate([alpha, jnp.ones(shape)])  # t = 0 (never used: final step returns x0_hat)
-        sigma = jnp.concatenate([sigma, jnp.zeros((1,) + sigma.shape[1:])])
-        tables = samplers.linear_tables(self.method, alpha, sigma, self.method_knobs(weights), final_zero=True,
-                                        xp=jnp)
-        tables.update(alpha_cur=alpha[:-1], sigma_cur=sigma[:-1], alpha_next=alpha[1:], sigma_next=sigma[1:])
+        tables = _level_tables(self.method, *self.marginal(grid[:-1]), self.method_knobs(weights))
         noisy = self.method in ("ancestral", "ddim") or self.knobs.get("mu", 0.0) != 0.0
         _, coefs = analytic.propagate_law(self.method, tables, self.spectrum, 0.0, 0.0, self.start_std, noisy=noisy)
         ratio = jnp.sum(coefs**2, axis=0) / self.spectrum
         return 0.5 * jnp.sum(ratio - 1.0 - jnp.log(ratio))
+
+
+def _level_tables(method: str, alpha, sigma, knobs: dict) -> dict:
+    """JAX coefficient tables of a grid ending at t = 0 from (alpha, sigma) (S, ...) at its first S
+    levels (broadcast to (S, H, W, C) or (S, 1, 1, 1)), with the level columns the scan reads."""
+    full = jnp.broadcast_shapes(jnp.shape(alpha), jnp.shape(sigma))
+    alpha, sigma = jnp.broadcast_to(alpha, full), jnp.broadcast_to(sigma, full)
+    alpha = jnp.concatenate([alpha, jnp.ones((1,) + full[1:], alpha.dtype)])  # t = 0: the final step returns x0_hat
+    sigma = jnp.concatenate([sigma, jnp.zeros((1,) + full[1:], sigma.dtype)])
+    tables = samplers.linear_tables(method, alpha, sigma, knobs, final_zero=True, xp=jnp)
+    tables.update(alpha_cur=alpha[:-1], sigma_cur=sigma[:-1], alpha_next=alpha[1:], sigma_next=sigma[1:])
+    return tables
+
+
+def _resample_per_step(values, num_steps: int) -> np.ndarray:
+    """Per-step values of another step count resampled onto ``num_steps`` steps (step midpoints)."""
+    old = np.asarray(values, np.float64)
+    return np.interp((np.arange(num_steps) + 0.5) * old.size / num_steps, np.arange(old.size) + 0.5, old)
 
 
 def _raw_weights(method: str, weights: np.ndarray) -> np.ndarray:
@@ -357,8 +369,7 @@ def _resample(start: Tuned, num_steps: int, process: Process, log_top: float, lo
     levels = np.interp(position, np.arange(old_steps + 1), curve)
     weights = weights0
     if weight_name is not None and np.ndim(start.knobs.get(weight_name)) == 1:
-        old = np.asarray(start.knobs[weight_name], np.float64)
-        weights = np.interp((np.arange(num_steps) + 0.5) * old_steps / num_steps, np.arange(old_steps) + 0.5, old)
+        weights = _resample_per_step(start.knobs[weight_name], num_steps)
     return levels, weights
 
 
@@ -404,13 +415,9 @@ def grid_tables(process: Process, method: str, grid, knobs: dict) -> dict:
     grid = jnp.asarray(grid, jnp.float32)
     steps = grid.shape[0] - 1
     alpha, sigma = process.marginal(grid[:-1])
-    full = jnp.broadcast_shapes(jnp.shape(alpha), jnp.shape(sigma), (steps, 1, 1, 1))
-    alpha, sigma = jnp.broadcast_to(alpha, full), jnp.broadcast_to(sigma, full)
-    alpha = jnp.concatenate([alpha, jnp.ones((1,) + full[1:])])  # t = 0: the final step returns x0_hat
-    sigma = jnp.concatenate([sigma, jnp.zeros((1,) + full[1:])])
-    tables = samplers.linear_tables(method, alpha, sigma, knobs, final_zero=True, xp=jnp)
-    tables.update(t_cur=samplers.network_times(grid[:-1], knobs.get("time_shift", 0.0), jnp), t_next=grid[1:],
-                  alpha_cur=alpha[:-1], sigma_cur=sigma[:-1], alpha_next=alpha[1:], sigma_next=sigma[1:])
+    alpha = jnp.broadcast_to(alpha, jnp.broadcast_shapes(jnp.shape(alpha), (steps, 1, 1, 1)))
+    tables = _level_tables(method, alpha, sigma, knobs)
+    tables.update(t_cur=samplers.network_times(grid[:-1], knobs.get("time_shift", 0.0), jnp), t_next=grid[1:])
     tables = {k: jnp.asarray(v, jnp.float32) for k, v in tables.items()}
     tables["step"] = jnp.arange(steps, dtype=jnp.int32)
     return tables
@@ -538,9 +545,7 @@ def tune_to_teacher(
         start_knobs.update(given)
         for knob in (weight_name, "time_shift"):
             if knob is not None and np.ndim(start_knobs[knob]) == 1 and len(start_knobs[knob]) != num_steps:
-                old = np.asarray(start_knobs[knob], np.float64)
-                start_knobs[knob] = np.interp((np.arange(num_steps) + 0.5) * old.size / num_steps,
-                                              np.arange(old.size) + 0.5, old)
+                start_knobs[knob] = _resample_per_step(start_knobs[knob], num_steps)
     else:
         levels0, start_knobs = default.grid[1:-1], dict(method_knobs)
     start_plan = samplers.plan(process, method=method, num_steps=num_steps,

@@ -75,13 +75,7 @@ def run(config, workdir: str, *, method: str | None = None, nfe: int | None = No
     nfe = int(nfe or config.sample.nfe)
     # config.sample.options (e.g. order=3) are the sampler's fixed knobs when it is config.sample.method
     options = dict(config.sample.options) if method == config.sample.method else {}
-    if name is None and options:  # e.g. dpm_solver_pp_nfe5_order3: a tuning with other knobs keeps its own file
-        name_suffix = "_" + "_".join(f"{k}{v}" for k, v in sorted(options.items()))
-    else:
-        name_suffix = ""
     if objective == "teacher":
-        if name is None and name_suffix:
-            name = f"{method}_nfe{nfe}{name_suffix}_teacher"
         return run_teacher(config, workdir, method=method, nfe=nfe, name=name, iterations=iterations,
                            start=start_grid, learning_rate=learning_rate, **options)
     shape = builders.image_shape(config)
@@ -93,12 +87,18 @@ def run(config, workdir: str, *, method: str | None = None, nfe: int | None = No
     spec, source = data_spectrum(config, process)
     result = tune.tune(process, spec, method=method, nfe=nfe, objective=objective, iterations=iterations,
                        t_max=float(config.sample.t_max), start=start_grid, learning_rate=learning_rate, **options)
-    name = name or f"{method}_nfe{result.nfe}{name_suffix}"
+    name = name or f"{method}_nfe{result.nfe}{_knob_suffix(options)}"
     path = str(epath.Path(workdir) / grids.TUNED_DIR / (name + ".json"))
     record = tune.save(result, path, name=name, spectrum_source=source, config_process=config.process.name,
                        config_data=config.data.name)
     record["path"] = path
     return record
+
+
+def _knob_suffix(knobs: dict) -> str:
+    """The default file name's mark of fixed knobs (e.g. "_order3"), so that a tuning with other
+    knobs keeps its own file."""
+    return "".join(f"_{k}{v}" for k, v in sorted(knobs.items()))
 
 
 def _apply_denoiser(model, process, head, variables, x_t, t, *, key=None):
@@ -161,7 +161,7 @@ def run_teacher(config, workdir: str, *, method: str, nfe: int, name: str | None
                                   variables=restored.variables, start=start, t_max=float(config.sample.t_max),
                                   batch=batch, iterations=iterations, learning_rate=learning_rate,
                                   teacher_name=teacher_name, tune_time_shift=bool(t.time_shift), **knobs)
-    name = name or f"{method}_nfe{result.nfe}_teacher"
+    name = name or f"{method}_nfe{result.nfe}{_knob_suffix(knobs)}_teacher"
     path = str(epath.Path(workdir) / grids.TUNED_DIR / (name + ".json"))
     record = tune.save(result, path, name=name, checkpoint_step=int(restored.step),
                        start=None if start is None else start.record.get("name", "given"),
