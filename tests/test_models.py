@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ from spd_jax.models import (
     prediction_from_head,
     smd_net,
     time_label,
+    unet,
 )
 from spd_jax.models.param_counts import count_parameters, parameter_shapes
 from spd_jax.models.presets import spd_cifar10
@@ -262,3 +265,63 @@ def test_smd_latent_noise_is_per_example_for_every_key_layout():
 def test_spd_cifar10_unet_has_52_5m_parameters():
     count = count_parameters(parameter_shapes(spd_cifar10(), (32, 32, 3)))
     assert abs(count / 52.5e6 - 1.0) < 0.01, count
+
+
+# ---- GroupNorm and attention: the fast forms equal the textbook ones --------------------------
+
+
+class FastLayersTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_group_norm_equals_the_float64_definition_and_flax_gradients(self):
+        """Per example and group, (x - mean) / sqrt(var + eps) * scale + bias, with the mean and
+        variance over the spatial axes and the group's channels; its gradients equal those of
+        flax.linen.GroupNorm, whose parameters (scale, bias) it shares."""
+        groups, eps = 4, 1e-5
+        x = normal(3, (2, 5, 6, 12)) * 3.0 + normal(4, (1, 1, 1, 12)) * 20.0  # large channel offsets
+        scale, bias = 1.0 + 0.3 * normal(5, (12,)), normal(6, (12,))
+        out = self.variant(lambda x, s, b: unet.group_norm(x, s, b, groups, eps))(x, scale, bias)
+        x64 = np.asarray(x, np.float64).reshape(2, 5, 6, groups, 3)
+        mean = x64.mean(axis=(1, 2, 4), keepdims=True)
+        var = ((x64 - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+        expected = ((x64 - mean) / np.sqrt(var + eps)).reshape(x.shape) * np.asarray(scale) + np.asarray(bias)
+        np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+
+        flax_norm = nn.GroupNorm(num_groups=groups, epsilon=eps)
+        params = {"params": {"scale": scale, "bias": bias}}
+        assert jax.tree.structure(flax_norm.init(jax.random.key(0), x)) == jax.tree.structure(params)
+        y = normal(7, x.shape) * 0.1  # a moderate input: flax's one-pass variance is exact enough here
+        weights = normal(8, x.shape)
+        ours = self.variant(jax.grad(
+            lambda p, y: jnp.sum(weights * unet.GroupNorm(groups, eps).apply(p, y)), argnums=(0, 1)))(params, y)
+        theirs = jax.grad(lambda p, y: jnp.sum(weights * flax_norm.apply(p, y)), argnums=(0, 1))(params, y)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+    def test_group_norm_refuses_channels_it_cannot_group(self):
+        with pytest.raises(ValueError, match="12 channels cannot be split into 5 groups"):
+            unet.group_norm(jnp.zeros((1, 2, 2, 12)), jnp.ones(12), jnp.zeros(12), 5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_attention_is_multi_head_softmax_attention_with_qkv_heads_in_channel_order(self):
+        """Against a float64 NumPy transcription: GroupNorm, qkv = h W + b whose 3 * heads blocks of
+        C / heads channels are q heads, then k heads, then v heads; softmax(q k^T / sqrt(d)) v per
+        head; heads concatenated in order; output projection; residual."""
+        heads, channels = 2, 8
+        model = unet.SelfAttention(num_heads=heads, norm_groups=2)
+        x = normal(9, (2, 3, 4, channels))
+        variables = random_variables(model, 10, x)
+        out = self.variant(model.apply)(variables, x)
+
+        p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+        x64 = np.asarray(x, np.float64)
+        g = x64.reshape(2, 12, 2, 4)
+        mean, var = g.mean(axis=(1, 3), keepdims=True), g.var(axis=(1, 3), keepdims=True)
+        h = ((g - mean) / np.sqrt(var + 1e-5)).reshape(2, 12, channels) * p["norm"]["scale"] + p["norm"]["bias"]
+        qkv = (h @ p["qkv"]["kernel"] + p["qkv"]["bias"]).reshape(2, 12, 3 * heads, channels // heads)
+        q, k, v = qkv[:, :, :heads], qkv[:, :, heads:2 * heads], qkv[:, :, 2 * heads:]
+        logits = np.einsum("bqhc,bkhc->bhqk", q, k) / np.sqrt(channels // heads)
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        attended = np.einsum("bhqk,bkhc->bqhc", w, v).reshape(2, 12, channels)
+        expected = x64 + (attended @ p["proj"]["kernel"] + p["proj"]["bias"]).reshape(x.shape)
+        np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)

@@ -71,9 +71,55 @@ def norm_groups_for(channels: int, max_groups: int = 32) -> int:
     return groups
 
 
-def _group_norm(channels: int, max_groups: int, dtype=jnp.float32, name: str | None = None) -> nn.GroupNorm:
-    # statistics in float32 whatever the compute dtype (Flax's GroupNorm promotes them)
-    return nn.GroupNorm(num_groups=norm_groups_for(channels, max_groups), epsilon=1e-5, dtype=dtype, name=name)
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, epsilon: float = 1e-5) -> jax.Array:
+    """GroupNorm of channels-last features x (B, ..., C) with per-channel ``scale`` and ``bias``.
+
+    Statistics are taken in float32 over the spatial axes and the C / groups channels of each group,
+    with the variance from the centred values (two passes, no cancellation). The spatial sums run
+    per channel first (a reduction over the leading axes with the channels contiguous) and the
+    groups are summed from those; on XLA:CPU this is several times faster than reducing a
+    (B, ..., G, C / G) view, and the normalisation is a single multiply-add per element.
+    """
+    batch, channels = x.shape[0], x.shape[-1]
+    if channels % groups:
+        raise ValueError(f"{channels} channels cannot be split into {groups} groups")
+    per_group = channels // groups
+    axes = tuple(range(1, x.ndim - 1))
+    count = math.prod(x.shape[1:-1]) * per_group
+    bcast = (batch,) + (1,) * len(axes) + (channels,)
+
+    def group_mean(values):  # (B, ..., C) -> (B, C): the mean over each channel's group, repeated
+        sums = jnp.sum(values, axis=axes).reshape(batch, groups, per_group).sum(-1)
+        return jnp.repeat(sums / count, per_group, axis=1)
+
+    xf = x.astype(jnp.float32)
+    centred = xf - group_mean(xf).reshape(bcast)
+    gain = jax.lax.rsqrt(group_mean(jnp.square(centred)) + epsilon) * scale
+    return centred * gain.reshape(bcast) + bias
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over channels-last features (:func:`group_norm`), output in ``dtype``.
+
+    Its parameters are those of ``flax.linen.GroupNorm``: ``scale`` (ones) and ``bias`` (zeros),
+    both (C,) float32, so checkpoints are interchangeable; the values agree with it to float32
+    rounding (tests/test_models.py).
+    """
+
+    num_groups: int
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon).astype(self.dtype)
+
+
+def _group_norm(channels: int, max_groups: int, dtype=jnp.float32, name: str | None = None) -> GroupNorm:
+    # statistics in float32 whatever the compute dtype
+    return GroupNorm(num_groups=norm_groups_for(channels, max_groups), epsilon=1e-5, dtype=dtype, name=name)
 
 
 def _resample(x: jax.Array, mode: str | None) -> jax.Array:
@@ -137,14 +183,16 @@ class SelfAttention(nn.Module):
             raise ValueError(
                 f"attention over {channels} channels cannot be split into {heads} heads"
             )
+        width_per_head = channels // heads
         h = _group_norm(channels, self.norm_groups, dtype=self.dtype, name="norm")(x)
         qkv = nn.Dense(3 * channels, dtype=self.dtype, name="qkv")(h.reshape(batch, height * width, channels))
-        q, k, v = jnp.split(
-            qkv.reshape(batch, height * width, 3 * heads, channels // heads), 3, axis=2
-        )
-        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(channels // heads)
+        # heads-major (B, 3H, T, c) once, so that both products are plain batched matmuls over
+        # (B, H) with no transposes of the (T, T) weights (measured faster on XLA:CPU, docs/results.md)
+        qkv = qkv.reshape(batch, height * width, 3 * heads, width_per_head).transpose(0, 2, 1, 3)
+        q, k, v = jnp.split(qkv, 3, axis=1)
+        logits = jnp.einsum("bhqc,bhkc->bhqk", q * (1.0 / math.sqrt(width_per_head)), k)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhc->bqhc", weights, v)
+        out = jnp.einsum("bhqk,bhkc->bhqc", weights, v).transpose(0, 2, 1, 3)
         out = nn.Dense(channels, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="proj")(
             out.reshape(batch, height * width, channels)
         )
