@@ -28,6 +28,11 @@ faster). spd_jax runs twice by default: as :func:`spd_jax.training.shard_train_s
 (``spd_jax+cpu_opts``; ``--cpu_options=off|only`` drops one). ``--json`` writes everything to a
 file; ``--only=spd_jax`` times spd_jax alone (no torch needed); ``--max_load`` waits before each
 block for the machine's load to drop. Compilation times of spd_jax are printed separately.
+
+``--threads`` sets torch's threads and XLA's intra-op pool, but XLA:CPU runs some work on threads
+of its own: with ``--threads=1`` and no pinning, spd_jax's training step still used both cores of
+the 2-core machine (3.4 s against 6.0 s pinned). For a one-core comparison pin the whole process:
+``taskset -c 0 python benchmarks/official_speed.py --threads=1 ...``.
 """
 
 from __future__ import annotations
