@@ -63,6 +63,10 @@ def main(argv=None) -> dict:
     from spd_jax.run import builders
     from spd_jax.training import compile_cache
 
+    def flax_group_norm(channels, max_groups, dtype=jnp.float32, name=None):
+        return nn.GroupNorm(num_groups=unet.norm_groups_for(channels, max_groups), epsilon=1e-5, dtype=dtype,
+                            name=name)
+
     class TokenMajorAttention(unet.SelfAttention):
         """The attention as the network computed it before: token-major einsums."""
 
@@ -70,8 +74,7 @@ def main(argv=None) -> dict:
         def __call__(self, x):
             batch, height, width, channels = x.shape
             heads = channels // self.head_channels if self.head_channels else self.num_heads
-            h = nn.GroupNorm(num_groups=unet.norm_groups_for(channels, self.norm_groups), epsilon=1e-5,
-                             dtype=self.dtype, name="norm")(x)
+            h = flax_group_norm(channels, self.norm_groups, dtype=self.dtype, name="norm")(x)
             qkv = nn.Dense(3 * channels, dtype=self.dtype, name="qkv")(h.reshape(batch, height * width, channels))
             q, k, v = jnp.split(qkv.reshape(batch, height * width, 3 * heads, channels // heads), 3, axis=2)
             logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(channels // heads)
@@ -80,10 +83,6 @@ def main(argv=None) -> dict:
             out = nn.Dense(channels, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="proj")(
                 out.reshape(batch, height * width, channels))
             return x + out.reshape(x.shape)
-
-    def flax_group_norm(channels, max_groups, dtype=jnp.float32, name=None):
-        return nn.GroupNorm(num_groups=unet.norm_groups_for(channels, max_groups), epsilon=1e-5, dtype=dtype,
-                            name=name)
 
     @contextlib.contextmanager
     def build(kind):

@@ -270,21 +270,27 @@ def test_spd_cifar10_unet_has_52_5m_parameters():
 # ---- GroupNorm and attention: the fast forms equal the textbook ones --------------------------
 
 
+def group_norm_float64(x, groups, scale, bias, eps=1e-5):
+    """The definition in float64: per example and group, (x - mean) / sqrt(var + eps) * scale + bias,
+    with the mean and variance over the spatial axes and the group's channels (x is (B, H, W, C))."""
+    x64 = np.asarray(x, np.float64)
+    g = x64.reshape(x64.shape[:-1] + (groups, -1))
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+    normed = ((g - mean) / np.sqrt(var + eps)).reshape(x64.shape)
+    return normed * np.asarray(scale, np.float64) + np.asarray(bias, np.float64)
+
+
 class FastLayersTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_group_norm_equals_the_float64_definition_and_flax_gradients(self):
-        """Per example and group, (x - mean) / sqrt(var + eps) * scale + bias, with the mean and
-        variance over the spatial axes and the group's channels; its gradients equal those of
-        flax.linen.GroupNorm, whose parameters (scale, bias) it shares."""
+        """group_norm equals its float64 definition even with large channel offsets; its gradients
+        equal those of flax.linen.GroupNorm, whose parameters (scale, bias) it shares."""
         groups, eps = 4, 1e-5
         x = normal(3, (2, 5, 6, 12)) * 3.0 + normal(4, (1, 1, 1, 12)) * 20.0  # large channel offsets
         scale, bias = 1.0 + 0.3 * normal(5, (12,)), normal(6, (12,))
         out = self.variant(lambda x, s, b: unet.group_norm(x, s, b, groups, eps))(x, scale, bias)
-        x64 = np.asarray(x, np.float64).reshape(2, 5, 6, groups, 3)
-        mean = x64.mean(axis=(1, 2, 4), keepdims=True)
-        var = ((x64 - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
-        expected = ((x64 - mean) / np.sqrt(var + eps)).reshape(x.shape) * np.asarray(scale) + np.asarray(bias)
-        np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(out, group_norm_float64(x, groups, scale, bias, eps), atol=2e-5, rtol=1e-5)
 
         flax_norm = nn.GroupNorm(num_groups=groups, epsilon=eps)
         params = {"params": {"scale": scale, "bias": bias}}
@@ -314,9 +320,7 @@ class FastLayersTest(chex.TestCase):
 
         p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
         x64 = np.asarray(x, np.float64)
-        g = x64.reshape(2, 12, 2, 4)
-        mean, var = g.mean(axis=(1, 3), keepdims=True), g.var(axis=(1, 3), keepdims=True)
-        h = ((g - mean) / np.sqrt(var + 1e-5)).reshape(2, 12, channels) * p["norm"]["scale"] + p["norm"]["bias"]
+        h = group_norm_float64(x64, 2, p["norm"]["scale"], p["norm"]["bias"]).reshape(2, 12, channels)
         qkv = (h @ p["qkv"]["kernel"] + p["qkv"]["bias"]).reshape(2, 12, 3 * heads, channels // heads)
         q, k, v = qkv[:, :, :heads], qkv[:, :, heads:2 * heads], qkv[:, :, 2 * heads:]
         logits = np.einsum("bqhc,bkhc->bhqk", q, k) / np.sqrt(channels // heads)
