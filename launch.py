@@ -95,4 +95,7 @@ def _run():
 
 
 if __name__ == "__main__":
+    from spd_jax import host_malloc
+
+    host_malloc.reexec_if_needed()  # CPU-only JAX: restart once with glibc malloc tuned for XLA's scratch
     _run()

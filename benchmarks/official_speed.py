@@ -20,7 +20,11 @@ threads:
 * ``forward``: one network evaluation in inference mode (official: ``model.eval()`` under
   ``torch.no_grad()``; spd_jax: jitted ``apply(train=False)``).
 
-Blocks of ``--reps`` calls alternate between the systems for ``--rounds`` rounds after a warm-up;
+Each system runs in its own worker process (``--same_process``: all in this one), so neither's
+heap or allocator settings affect the other. The spd_jax workers start with the glibc settings
+``launch.py`` gives a CPU run (:mod:`spd_jax.host_malloc`); the official worker with glibc's defaults,
+as its own scripts run (``--malloc_tuning=both`` gives it the same settings, ``none`` gives them to
+no one). Blocks of ``--reps`` calls alternate between the systems for ``--rounds`` rounds after a warm-up;
 each block prints its median and ``os.getloadavg()`` at its start. The summary gives, per
 quantity, each system's median over all calls and the ratio official / spd_jax (> 1: spd_jax is
 faster). spd_jax runs twice by default: as :func:`spd_jax.training.shard_train_step` compiles it
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -226,6 +231,62 @@ def _wait_for_load(max_load: float, max_wait_s: float) -> float:
     return time.perf_counter() - start
 
 
+def _serve(conn, kind: str, kwargs: dict) -> None:
+    """A worker process: build one system, report it, then time blocks on request until None."""
+    system = (Official if kind == "official" else SpdJax)(**kwargs)
+    conn.send({"params": system.params, "compile_train_s": getattr(system, "compile_train_s", None),
+               "compile_forward_s": getattr(system, "compile_forward_s", None)})
+    while (request := conn.recv()) is not None:
+        what, reps = request
+        conn.send(_block(getattr(system, "train_step" if what == "train" else "forward"), reps))
+
+
+class _Local:
+    """A system timed in this process."""
+
+    def __init__(self, kind: str, kwargs: dict):
+        self.system = (Official if kind == "official" else SpdJax)(**kwargs)
+        self.params = self.system.params
+        self.compile_train_s = getattr(self.system, "compile_train_s", None)
+        self.compile_forward_s = getattr(self.system, "compile_forward_s", None)
+
+    def block(self, what: str, reps: int):
+        return _block(getattr(self.system, "train_step" if what == "train" else "forward"), reps)
+
+    def close(self) -> None:
+        pass
+
+
+class _Remote:
+    """A system timed in its own process (its own heap and allocator settings), started with ``env``."""
+
+    def __init__(self, kind: str, kwargs: dict, env: dict):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(env)  # the child's environment is this process's at start()
+        try:
+            self.proc = ctx.Process(target=_serve, args=(child, kind, kwargs), daemon=True)
+            self.proc.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        try:
+            self.__dict__.update(self.conn.recv())
+        except EOFError:
+            self.proc.join()
+            raise SystemExit(f"the {kind} worker process failed (exit code {self.proc.exitcode})") from None
+
+    def block(self, what: str, reps: int):
+        self.conn.send((what, reps))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(60)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official_repo", default=os.environ.get("SPD_OFFICIAL_REPO", ""),
@@ -244,25 +305,43 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_wait", type=float, default=120.0)
     parser.add_argument("--json", default="", help="write the timings to this file")
     parser.add_argument("--xla_flags", default="", help="extra XLA_FLAGS (process-wide, before JAX starts)")
+    parser.add_argument("--same_process", action="store_true",
+                        help="time every system in this process (default: each in its own worker process)")
+    parser.add_argument("--malloc_tuning", choices=("spd_jax", "both", "none"), default="spd_jax",
+                        help="which worker processes get spd_jax.host_malloc's glibc settings (spd_jax: as "
+                             "launch.py runs; both: the official code too); ignored with --same_process")
     args = parser.parse_args(argv)
     _set_threads(args.threads, args.xla_flags)
     what = [w.strip() for w in args.what.split(",") if w.strip()]
     if not what or set(what) - {"train", "forward"}:
         parser.error(f"--what takes train and/or forward; got {args.what!r}")
 
+    sys.path.insert(0, ROOT)
+    from spd_jax import host_malloc
+
+    def start(name, kind, kwargs):
+        if args.same_process:
+            return _Local(kind, kwargs)
+        tuned = args.malloc_tuning == "both" or (args.malloc_tuning == "spd_jax" and kind == "spd_jax")
+        plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        env = (host_malloc.tuned_environ(plain, check_platform=False) if tuned else None) or plain
+        print(f"{name}: own process, GLIBC_TUNABLES={env.get('GLIBC_TUNABLES', '')!r}", flush=True)
+        return _Remote(kind, kwargs, env)
+
     systems = {}
     if args.only in ("both", "official"):
         if not args.official_repo:
             parser.error("--official_repo (or SPD_OFFICIAL_REPO) is needed unless --only=spd_jax")
-        systems["official"] = Official(args.official_repo, args.batch, args.threads)
+        systems["official"] = start("official", "official",
+                                    dict(repo=args.official_repo, batch=args.batch, threads=args.threads))
     if args.only in ("both", "spd_jax"):
         from spd_jax.training import compile_cache
 
         if args.cpu_options != "only":
-            systems["spd_jax"] = SpdJax(args.batch, what=what)
+            systems["spd_jax"] = start("spd_jax", "spd_jax", dict(batch=args.batch, what=what))
         if args.cpu_options != "off":
-            systems["spd_jax+cpu_opts"] = SpdJax(args.batch, what=what,
-                                                 compiler_options=compile_cache.cpu_compiler_options())
+            systems["spd_jax+cpu_opts"] = start("spd_jax+cpu_opts", "spd_jax", dict(
+                batch=args.batch, what=what, compiler_options=compile_cache.cpu_compiler_options("cpu")))
     import jax
 
     print(f"jax {jax.__version__} backend={jax.default_backend()} batch={args.batch} threads={args.threads} "
@@ -279,15 +358,14 @@ def main(argv=None) -> dict:
 
     for system in systems.values():  # warm-up (first eager call, allocator, caches)
         for w in what:
-            getattr(system, "train_step" if w == "train" else "forward")()
+            system.block(w, 1)
     record = {"args": vars(args), "blocks": [], "load_start": _load()}
     for r in range(args.rounds):
         for w in what:
             order = list(systems) if r % 2 == 0 else list(reversed(systems))
             for name in order:
                 waited = _wait_for_load(args.max_load, args.max_wait)
-                fn = getattr(systems[name], "train_step" if w == "train" else "forward")
-                times, load = _block(fn, args.reps)
+                times, load = systems[name].block(w, args.reps)
                 record["blocks"].append({"round": r, "what": w, "system": name, "times": times, "load": load,
                                          "waited_s": waited})
                 print(f"round {r} {w:7s} {name:16s} median {statistics.median(times):.3f} s "
@@ -308,6 +386,8 @@ def main(argv=None) -> dict:
     loads = [b["load"][0] for b in record["blocks"]]
     print(f"\n1-min load at block starts: min {min(loads):.2f}, median {statistics.median(loads):.2f}, "
           f"max {max(loads):.2f}")
+    for system in systems.values():
+        system.close()
     record["summary"] = summary
     record["compile_s"] = {n: {"train": systems[n].compile_train_s, "forward": systems[n].compile_forward_s}
                            for n in ours}

@@ -16,7 +16,9 @@ warm-up call:
 The ratio train_step / bare is the training system's overhead (target <= 1.10). Data loading is
 not included (CIFAR-10 sizes use random images and the preset spectrum, so no dataset is needed).
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries) and the process's peak
-resident set size.
+resident set size; ``page_faults_per_step`` counts the process's minor page faults over the timed
+steps. Run as a script on a CPU-only JAX it restarts itself once with the glibc malloc settings that
+``launch.py`` uses (:mod:`spd_jax.host_malloc`; ``SPD_JAX_MALLOC_TUNING=0`` for glibc's defaults).
 
 ``--profile=DIR`` also traces three train steps with the JAX profiler and prints where the time
 goes: each executed thunk is joined to its HLO instruction, whose ``op_name`` metadata names the Flax
@@ -223,7 +225,9 @@ def bench(name: str, batch: int, steps: int, profile: str = "", compiler_options
         return metrics
 
     run_step(batches)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t_step = _median_seconds(run_step, lambda: (batches,), steps)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
 
     x_t = jnp.asarray(images)
     t = jnp.full((batch,), 0.5, jnp.float32)
@@ -255,6 +259,7 @@ def bench(name: str, batch: int, steps: int, profile: str = "", compiler_options
         "step_GFLOP": (_flops(compiled_step) or 0.0) / 1e9,
         "TFLOP_per_s": (_flops(compiled_step) or 0.0) / t_step / 1e12,
         "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "page_faults_per_step": faults,
     }
 
 
@@ -312,7 +317,7 @@ def main() -> None:
     peak, source = (args.peak_tflops, "--peak_tflops") if args.peak_tflops else peak_tflops(args.dtype)
     print(f"MFU against {peak:.3g} TFLOP/s per device ({source}); {args.dtype} compute")
     header = ("config", "params_M", "batch", "image", "step_s", "images_per_s", "bare_s", "ratio", "xla_step_MiB",
-              "peak_rss_MiB", "step_GFLOP", "TFLOP_per_s", "MFU")
+              "peak_rss_MiB", "page_faults_per_step", "step_GFLOP", "TFLOP_per_s", "MFU")
     print(" | ".join(header))
     for name in args.configs.split(","):
         options = None
@@ -326,4 +331,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from spd_jax import host_malloc
+
+    host_malloc.reexec_if_needed()  # on a CPU-only JAX, the glibc settings launch.py runs with
     main()

@@ -9,7 +9,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "spd_jax"
 #: layer of each top-level part of the package (lower = more basic)
 LAYERS = {
-    "diffusion": 0,
+    "diffusion": 0, "host_malloc": 0,
     "models": 1, "tasks": 1, "data": 1, "prepare": 1, "images": 1,
     "losses": 2, "metrics": 2,
     "training": 3,
