@@ -231,16 +231,6 @@ def _wait_for_load(max_load: float, max_wait_s: float) -> float:
     return time.perf_counter() - start
 
 
-def _serve(conn, kind: str, kwargs: dict) -> None:
-    """A worker process: build one system, report it, then time blocks on request until None."""
-    system = (Official if kind == "official" else SpdJax)(**kwargs)
-    conn.send({"params": system.params, "compile_train_s": getattr(system, "compile_train_s", None),
-               "compile_forward_s": getattr(system, "compile_forward_s", None)})
-    while (request := conn.recv()) is not None:
-        what, reps = request
-        conn.send(_block(getattr(system, "train_step" if what == "train" else "forward"), reps))
-
-
 class _Local:
     """A system timed in this process."""
 
@@ -255,6 +245,15 @@ class _Local:
 
     def close(self) -> None:
         pass
+
+
+def _serve(conn, kind: str, kwargs: dict) -> None:
+    """A worker process: build one system, report it, then time blocks on request until None."""
+    local = _Local(kind, kwargs)
+    conn.send({"params": local.params, "compile_train_s": local.compile_train_s,
+               "compile_forward_s": local.compile_forward_s})
+    while (request := conn.recv()) is not None:
+        conn.send(local.block(*request))
 
 
 class _Remote:
