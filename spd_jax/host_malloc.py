@@ -12,8 +12,7 @@ of the step on one core. Three glibc tunables keep the memory mapped between cal
   that far (a thread's own arena is capped at 64 MiB and falls back to ``mmap`` above it).
 
 With them the training step on one XLA thread makes no page faults after the first call, and with
-two threads about half as many as before (``docs/results.md``). The
-price: the process keeps its peak heap instead of shrinking after a free, and all threads share one
+two threads about half as many as before (``docs/results.md``). The price: the process keeps its peak heap instead of shrinking after a free, and all threads share one
 arena. glibc reads tunables only when a process starts, so :func:`reexec_if_needed` starts the
 program again with them set; ``launch.py`` does this first thing. It applies only where it helps:
 Linux with glibc, and a JAX that can only run on the CPU (no GPU or TPU plugin installed) or is told
@@ -47,6 +46,11 @@ def parse_tunables(value: str) -> dict[str, str]:
     return {name: setting for name, setting in pairs}
 
 
+def glibc_linux() -> bool:
+    """True on Linux with glibc as the C library (where these tunables exist)."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def cpu_only(environ: Mapping[str, str]) -> bool:
     """True when JAX in this environment can only use (or is told to use only) the CPU."""
     platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
@@ -61,9 +65,7 @@ def tuned_environ(environ: Mapping[str, str], *, check_platform: bool = True) ->
     user's own values win), or (with ``check_platform``) not Linux + glibc or not a CPU-only JAX."""
     if environ.get(ENV_VAR, "").strip().lower() in OFF:
         return None
-    if check_platform and (
-        not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or not cpu_only(environ)
-    ):
+    if check_platform and not (glibc_linux() and cpu_only(environ)):
         return None
     current = environ.get("GLIBC_TUNABLES", "")
     present = parse_tunables(current)

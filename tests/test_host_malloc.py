@@ -4,12 +4,9 @@ they are applied and how a run restarts with them. The page faults they remove a
 suite the count of a small probe program varied from run to run."""
 
 import os
-import platform
 import sys
 
 from spd_jax import host_malloc
-
-GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
 def test_the_settings_are_added_and_the_users_own_values_are_kept():
@@ -30,7 +27,7 @@ def test_nothing_changes_when_switched_off_already_set_or_not_cpu_only():
     assert host_malloc.tuned_environ({"GLIBC_TUNABLES": full}, check_platform=False) is None
     assert not host_malloc.cpu_only({"JAX_PLATFORMS": "cuda"})
     assert host_malloc.cpu_only({"JAX_PLATFORMS": "cpu"})
-    if GLIBC:
+    if host_malloc.glibc_linux():
         assert host_malloc.tuned_environ({"JAX_PLATFORMS": "tpu"}) is None
         assert host_malloc.tuned_environ({"JAX_PLATFORMS": "cpu"}) is not None
 
