@@ -24,8 +24,10 @@ Each system runs in its own worker process (``--same_process``: all in this one)
 heap or allocator settings affect the other. The spd_jax workers start with the glibc settings
 ``launch.py`` gives a CPU run (:mod:`spd_jax.host_malloc`); the official worker with glibc's defaults,
 as its own scripts run (``--malloc_tuning=both`` gives it the same settings, ``none`` gives them to
-no one). Blocks of ``--reps`` calls alternate between the systems for ``--rounds`` rounds after a warm-up;
-each block prints its median and ``os.getloadavg()`` at its start. The summary gives, per
+no one). Blocks of ``--reps`` timed calls alternate between the systems for ``--rounds`` rounds after a
+warm-up. Each block opens with ``--settle`` untimed calls (default 1): the first call after the other
+system ran is often 1-3 s slower, for both systems, which a training loop running its steps back to
+back never sees. Each block prints its median and ``os.getloadavg()`` at its start. The summary gives, per
 quantity, each system's median over all calls and the ratio official / spd_jax (> 1: spd_jax is
 faster). spd_jax runs twice by default: as :func:`spd_jax.training.shard_train_step` compiles it
 (``spd_jax``) and with :data:`spd_jax.training.compile_cache.CPU_COMPILER_OPTIONS` added
@@ -213,8 +215,11 @@ class SpdJax:
 # ---- timing ---------------------------------------------------------------------------------
 
 
-def _block(fn, reps: int) -> tuple[list[float], tuple]:
+def _block(fn, reps: int, settle: int = 0) -> tuple[list[float], tuple]:
+    """``settle`` untimed calls, then ``reps`` timed ones; with the 1-min load at the block's start."""
     load = _load()
+    for _ in range(settle):
+        fn()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -240,8 +245,8 @@ class _Local:
         self.compile_train_s = getattr(self.system, "compile_train_s", None)
         self.compile_forward_s = getattr(self.system, "compile_forward_s", None)
 
-    def block(self, what: str, reps: int):
-        return _block(getattr(self.system, "train_step" if what == "train" else "forward"), reps)
+    def block(self, what: str, reps: int, settle: int = 0):
+        return _block(getattr(self.system, "train_step" if what == "train" else "forward"), reps, settle)
 
     def close(self) -> None:
         pass
@@ -277,8 +282,8 @@ class _Remote:
             self.proc.join()
             raise SystemExit(f"the {kind} worker process failed (exit code {self.proc.exitcode})") from None
 
-    def block(self, what: str, reps: int):
-        self.conn.send((what, reps))
+    def block(self, what: str, reps: int, settle: int = 0):
+        self.conn.send((what, reps, settle))
         return self.conn.recv()
 
     def close(self) -> None:
@@ -293,7 +298,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--reps", type=int, default=3, help="calls per block")
+    parser.add_argument("--reps", type=int, default=3, help="timed calls per block")
+    parser.add_argument("--settle", type=int, default=1,
+                        help="untimed calls opening each block: the first call after the other system "
+                             "ran is often slower, for both systems")
     parser.add_argument("--what", default="train,forward")
     parser.add_argument("--only", choices=("both", "spd_jax", "official"), default="both")
     parser.add_argument("--cpu_options", choices=("off", "also", "only"), default="also",
@@ -364,7 +372,7 @@ def main(argv=None) -> dict:
             order = list(systems) if r % 2 == 0 else list(reversed(systems))
             for name in order:
                 waited = _wait_for_load(args.max_load, args.max_wait)
-                times, load = systems[name].block(w, args.reps)
+                times, load = systems[name].block(w, args.reps, args.settle)
                 record["blocks"].append({"round": r, "what": w, "system": name, "times": times, "load": load,
                                          "waited_s": waited})
                 print(f"round {r} {w:7s} {name:16s} median {statistics.median(times):.3f} s "

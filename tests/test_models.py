@@ -308,6 +308,26 @@ class FastLayersTest(chex.TestCase):
             unet.group_norm(jnp.zeros((1, 2, 2, 12)), jnp.ones(12), jnp.zeros(12), 5)
 
     @chex.variants(with_jit=True, without_jit=True)
+    def test_film_is_flax_dense_split_in_two_with_the_same_parameters_and_values(self):
+        """FiLM adds the bias after splitting, not before: the same parameters (names, shapes, initial
+        values) as flax.linen.Dense(2C), and bitwise the same scale and shift and gradients."""
+        emb, channels = normal(11, (3, 16)), 5
+        dense, film = nn.Dense(2 * channels), unet.FiLM(channels)
+        init_dense, init_film = dense.init(jax.random.key(1), emb), film.init(jax.random.key(1), emb)
+        chex.assert_trees_all_equal(init_film, init_dense)  # same tree, shapes and values
+        variables = random_variables(film, 12, emb)
+        variables["params"]["bias"] = normal(13, (2 * channels,))
+        scale, shift = self.variant(film.apply)(variables, emb)
+        expected = dense.apply(variables, emb)
+        np.testing.assert_array_equal(scale, expected[:, :channels])
+        np.testing.assert_array_equal(shift, expected[:, channels:])
+
+        weights = normal(14, (3, 2 * channels))
+        ours = self.variant(jax.grad(lambda v: jnp.sum(weights * jnp.concatenate(film.apply(v, emb), -1))))(variables)
+        theirs = jax.grad(lambda v: jnp.sum(weights * dense.apply(v, emb)))(variables)
+        chex.assert_trees_all_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
     def test_attention_is_multi_head_softmax_attention_with_qkv_heads_in_channel_order(self):
         """Against a float64 NumPy transcription: GroupNorm, qkv = h W + b whose 3 * heads blocks of
         C / heads channels are q heads, then k heads, then v heads; softmax(q k^T / sqrt(d)) v per

@@ -132,6 +132,29 @@ def _resample(x: jax.Array, mode: str | None) -> jax.Array:
     return x
 
 
+class FiLM(nn.Module):
+    """Per-channel scale and shift, each (B, C), from the time embedding: one dense layer to 2C.
+
+    The parameters are those of ``flax.linen.Dense(2 * channels)`` (``kernel`` (E, 2C), LeCun
+    normal; ``bias`` (2C,), zeros) and the values are its output split in two halves. The bias is
+    added to each half after the split, not before: XLA:CPU fuses the FiLM into the GroupNorm and
+    SiLU loop that follows, and there one (B, 2C) sum read through two slices makes that loop several
+    times slower (docs/results.md). The arithmetic is the same, so the outputs are bitwise equal.
+    """
+
+    channels: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, emb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (emb.shape[-1], 2 * self.channels), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (2 * self.channels,), jnp.float32)
+        emb, kernel, bias = nn.dtypes.promote_dtype(emb, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(emb, kernel, (((emb.ndim - 1,), (0,)), ((), ())))
+        c = self.channels
+        return y[..., :c] + bias[:c], y[..., c:] + bias[c:]
+
+
 class ResBlock(nn.Module):
     """Residual block: GN-SiLU-conv, FiLM from the time embedding, GN-SiLU-dropout-conv, skip.
 
@@ -150,11 +173,11 @@ class ResBlock(nn.Module):
         h = nn.silu(_group_norm(x.shape[-1], self.norm_groups, dtype=self.dtype, name="norm_in")(x))
         h, x = _resample(h, self.resample), _resample(x, self.resample)
         h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_in")(h)
-        film = nn.Dense(2 * self.out_channels, dtype=self.dtype, name="film")(nn.silu(emb))
-        scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
+        scale, shift = FiLM(self.out_channels, dtype=self.dtype, name="film")(nn.silu(emb))
         h = (
-            _group_norm(self.out_channels, self.norm_groups, dtype=self.dtype, name="norm_out")(h) * (1.0 + scale)
-            + shift
+            _group_norm(self.out_channels, self.norm_groups, dtype=self.dtype, name="norm_out")(h)
+            * (1.0 + scale[:, None, None, :])
+            + shift[:, None, None, :]
         )
         h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=not train)
         h = nn.Conv(self.out_channels, (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype, name="conv_out")(
