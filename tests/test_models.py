@@ -310,7 +310,7 @@ class FastLayersTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_film_is_flax_dense_split_in_two_with_the_same_parameters_and_values(self):
         """FiLM adds the bias after splitting, not before: the same parameters (names, shapes, initial
-        values) as flax.linen.Dense(2C), and bitwise the same scale and shift and gradients."""
+        values) as flax.linen.Dense(2C), bitwise the same scale and shift, and the same gradients."""
         emb, channels = normal(11, (3, 16)), 5
         dense, film = nn.Dense(2 * channels), unet.FiLM(channels)
         init_dense, init_film = dense.init(jax.random.key(1), emb), film.init(jax.random.key(1), emb)

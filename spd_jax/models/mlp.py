@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from spd_jax.models.smd import SMDNet
-from spd_jax.models.unet import TimeEmbedding
+from spd_jax.models.unet import FiLM, TimeEmbedding
 
 
 class MLPBlock(nn.Module):
@@ -29,7 +29,7 @@ class MLPBlock(nn.Module):
 
     @nn.compact
     def __call__(self, h: jax.Array, cond: jax.Array) -> jax.Array:
-        scale, shift = jnp.split(nn.Dense(2 * self.width, dtype=self.dtype, name="film")(nn.silu(cond)), 2, axis=-1)
+        scale, shift = FiLM(self.width, dtype=self.dtype, name="film")(nn.silu(cond))
         y = nn.LayerNorm(dtype=self.dtype, name="norm")(h) * (1.0 + scale) + shift
         y = nn.Dense(self.width, dtype=self.dtype, name="dense_0")(nn.silu(y))
         y = nn.Dense(self.width, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="dense_1")(nn.silu(y))
