@@ -32,14 +32,8 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _set_threads(threads: int) -> None:
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "intra_op_parallelism_threads" not in flags:
-        flags += f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}"
-    os.environ["XLA_FLAGS"] = flags.strip()
+# the side-by-side benchmark beside this file; it imports no JAX, so threads are set before JAX starts
+from official_speed import ROOT, _set_threads
 
 
 def main(argv=None) -> dict:
