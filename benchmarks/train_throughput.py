@@ -17,7 +17,7 @@ The ratio train_step / bare is the training system's overhead (target <= 1.10). 
 not included (CIFAR-10 sizes use random images and the preset spectrum, so no dataset is needed).
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries) and the process's peak
 resident set size; ``page_faults_per_step`` counts the process's minor page faults over the timed
-steps. Run as a script on a CPU-only JAX it restarts itself once with the glibc malloc settings that
+steps, which follow two warm-up steps. Run as a script on a CPU-only JAX it restarts itself once with the glibc malloc settings that
 ``launch.py`` uses (:mod:`spd_jax.host_malloc`; ``SPD_JAX_MALLOC_TUNING=0`` for glibc's defaults).
 
 ``--profile=DIR`` also traces three train steps with the JAX profiler and prints where the time
@@ -224,7 +224,8 @@ def bench(name: str, batch: int, steps: int, profile: str = "", compiler_options
         holder["state"], metrics = compiled_step(holder["state"], b)
         return metrics
 
-    run_step(batches)
+    for _ in range(2):  # warm-up, waited for (a dispatch returns at once): the heap grows over the first steps
+        jax.block_until_ready(run_step(batches))
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t_step = _median_seconds(run_step, lambda: (batches,), steps)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
