@@ -17,8 +17,9 @@ The ratio train_step / bare is the training system's overhead (target <= 1.10). 
 not included (CIFAR-10 sizes use random images and the preset spectrum, so no dataset is needed).
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries) and the process's peak
 resident set size; ``page_faults_per_step`` counts the process's minor page faults over the timed
-steps, which follow two warm-up steps. Run as a script on a CPU-only JAX it restarts itself once with the glibc malloc settings that
-``launch.py`` uses (:mod:`spd_jax.host_malloc`; ``SPD_JAX_MALLOC_TUNING=0`` for glibc's defaults).
+steps, which follow two warm-up steps. Run as a script on a CPU-only JAX it restarts itself once
+with the glibc malloc settings that ``launch.py`` uses (:mod:`spd_jax.host_malloc`;
+``SPD_JAX_MALLOC_TUNING=0`` for glibc's defaults).
 
 ``--profile=DIR`` also traces three train steps with the JAX profiler and prints where the time
 goes: each executed thunk is joined to its HLO instruction, whose ``op_name`` metadata names the Flax

@@ -13,10 +13,10 @@ of the step on one core. Three glibc tunables keep the memory mapped between cal
 
 With them the training step makes no page faults after its first two steps, on one XLA thread or
 two (``docs/results.md``). The price: the process keeps its peak heap instead of shrinking after a
-free, and all threads share one arena. glibc reads tunables only when a process starts, so :func:`reexec_if_needed` starts the
-program again with them set; ``launch.py`` does this first thing. It applies only where it helps:
-Linux with glibc, and a JAX that can only run on the CPU (no GPU or TPU plugin installed) or is told
-to (``JAX_PLATFORMS=cpu``). ``SPD_JAX_MALLOC_TUNING=0`` switches it off; values already present in
+free, and all threads share one arena. glibc reads tunables only when a process starts, so
+:func:`reexec_if_needed` starts the program again with them set; ``launch.py`` does this first
+thing. It applies only where it helps: Linux with glibc, and a JAX that can only run on the CPU (no
+GPU or TPU plugin installed) or is told to (``JAX_PLATFORMS=cpu``). ``SPD_JAX_MALLOC_TUNING=0`` switches it off; values already present in
 ``GLIBC_TUNABLES`` are kept.
 """
 
