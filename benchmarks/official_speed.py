@@ -30,9 +30,10 @@ system ran is often 1-3 s slower, for both systems, which a training loop runnin
 back never sees. Each block prints its median and ``os.getloadavg()`` at its start. The summary gives, per
 quantity, each system's median over all calls and the ratio official / spd_jax (> 1: spd_jax is
 faster), then the same for each system's fastest call: other jobs on a shared machine only ever add
-time, so the fastest call is the steadier estimate of what a step costs. spd_jax runs twice by default: as :func:`spd_jax.training.shard_train_step` compiles it
-(``spd_jax``) and with :data:`spd_jax.training.compile_cache.CPU_COMPILER_OPTIONS` added
-(``spd_jax+cpu_opts``; ``--cpu_options=off|only`` drops one). ``--json`` writes everything to a
+time, so the fastest call is the steadier estimate of what a step costs. spd_jax runs twice by
+default: as :func:`spd_jax.training.shard_train_step` compiles it (``spd_jax``) and with
+:data:`spd_jax.training.compile_cache.CPU_COMPILER_OPTIONS` added (``spd_jax+cpu_opts``;
+``--cpu_options=off|only`` drops one). ``--json`` writes everything to a
 file; ``--only=spd_jax`` times spd_jax alone (no torch needed); ``--max_load`` waits before each
 block for the machine's load to drop. Compilation times of spd_jax are printed separately.
 
